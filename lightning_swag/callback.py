@@ -1,0 +1,264 @@
+"""``SWAGCallback``: decides *when* to snapshot the weights during ``fit`` and carries the posterior
+in checkpoints. The statistics themselves live in :class:`~lightning_swag.posterior.SWAGPosterior`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch.optim.swa_utils import SWALR
+
+from lightning_swag.posterior import SWAGPosterior
+
+__all__ = ["SWAGCallback"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"SWAGCallback: {name} must be an int >= {minimum}, got {value!r}.")
+
+
+class SWAGCallback(Callback):
+    """Collect a SWAG posterior over the weights of any LightningModule during ``trainer.fit``.
+
+    A snapshot is taken at the end of training epoch ``e`` when ``e >= start_epoch`` and
+    ``(e - start_epoch) % every_n_epochs == 0``; with ``every_n_steps`` instead, after every
+    optimizer step whose ``global_step`` is a multiple of ``every_n_steps`` (from ``start_epoch`` on).
+    Snapshots run on every rank (under DDP all ranks hold identical weights, hence identical
+    posteriors). The user's optimizer and LR schedule are left alone unless ``swa_lr`` is given.
+
+    The epoch snapshot is taken right after the epoch's last optimizer step, before validation and
+    before epoch-end checkpoints are written, so a checkpoint always holds the posterior that matches
+    its weights and a resume neither loses nor repeats a snapshot.
+
+    Args:
+        start_epoch: first epoch (0-based) whose weights are collected.
+        every_n_epochs: collect every this many epochs (default 1 when ``every_n_steps`` is unset).
+        every_n_steps: collect every this many optimizer steps instead; exclusive with
+            ``every_n_epochs``.
+        max_rank: deviation columns kept for the low-rank covariance (``0``: SWAG-Diagonal).
+        device: where statistics live, e.g. ``"cpu"`` to keep them off the GPU (default: the
+            model's device).
+        include: parameter names or shell patterns to track (e.g. ``["head.*"]`` for last-layer
+            SWAG); default every parameter with ``requires_grad=True``.
+        moment_dtype: dtype of the mean and second moment.
+        deviation_dtype: dtype of the deviation buffer.
+        swa_lr: if set, switch every optimizer to this learning rate from ``start_epoch`` on
+            (torch's ``SWALR``), replacing the user's LR scheduler for the collection phase.
+        annealing_epochs: epochs to anneal from the current LR to ``swa_lr`` (0: switch at once).
+        annealing_strategy: ``"cos"`` or ``"linear"`` annealing.
+
+    Example:
+        >>> import lightning as L
+        >>> from lightning_swag import SWAGCallback, SWAGModule
+        >>> from lightning_swag.data import SineDataModule
+        >>> from lightning_swag.models import SineRegressor
+        >>> swag = SWAGCallback(start_epoch=1, every_n_epochs=1, max_rank=5)
+        >>> trainer = L.Trainer(max_epochs=4, callbacks=[swag], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> model, dm = SineRegressor(), SineDataModule()
+        >>> trainer.fit(model, datamodule=dm)
+        >>> swag.posterior.num_snapshots
+        3
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        max_rank: int = 20,
+        device: str | None = None,
+        include: list[str] | None = None,
+        moment_dtype: Literal["float64", "float32"] = "float64",
+        deviation_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
+        swa_lr: float | None = None,
+        annealing_epochs: int = 0,
+        annealing_strategy: Literal["cos", "linear"] = "cos",
+    ) -> None:
+        super().__init__()
+        _check_int("start_epoch", start_epoch, 0)
+        _check_int("every_n_epochs", every_n_epochs, 1, allow_none=True)
+        _check_int("every_n_steps", every_n_steps, 1, allow_none=True)
+        _check_int("max_rank", max_rank, 0)
+        _check_int("annealing_epochs", annealing_epochs, 0)
+        if every_n_epochs is not None and every_n_steps is not None:
+            raise ValueError(
+                "SWAGCallback: every_n_epochs and every_n_steps are mutually exclusive; set only one."
+            )
+        if moment_dtype not in ("float64", "float32"):
+            raise ValueError(
+                f"SWAGCallback: moment_dtype must be 'float64' or 'float32', got {moment_dtype!r}."
+            )
+        if deviation_dtype not in _DTYPES:
+            raise ValueError(
+                f"SWAGCallback: deviation_dtype must be one of {list(_DTYPES)}, got {deviation_dtype!r}."
+            )
+        if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and swa_lr > 0):
+            raise ValueError(f"SWAGCallback: swa_lr must be a number > 0 or None, got {swa_lr!r}.")
+        if annealing_strategy not in ("cos", "linear"):
+            raise ValueError(
+                f"SWAGCallback: annealing_strategy must be 'cos' or 'linear', got {annealing_strategy!r}."
+            )
+        if include is not None and (isinstance(include, str) or not include):
+            raise ValueError("SWAGCallback: include must be a non-empty list of names/patterns, or None.")
+        if device is not None:
+            torch.device(device)  # raises a clear RuntimeError for a malformed device string
+        self.start_epoch = start_epoch
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = None if every_n_steps is not None else (every_n_epochs or 1)
+        self.max_rank = max_rank
+        self.device = device
+        self.include = list(include) if include is not None else None
+        self.moment_dtype = moment_dtype
+        self.deviation_dtype = deviation_dtype
+        self.swa_lr = swa_lr
+        self.annealing_epochs = annealing_epochs
+        self.annealing_strategy = annealing_strategy
+        self._posterior: SWAGPosterior | None = None
+        self._last_epoch = -1
+        self._last_step = 0
+        self._swa_lr_installed = False
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def posterior(self) -> SWAGPosterior:
+        """The posterior collected so far (available during and after ``fit``)."""
+        if self._posterior is None:
+            raise RuntimeError(
+                "SWAGCallback has no posterior yet: it is created when trainer.fit starts. "
+                "Pass the callback to L.Trainer(callbacks=[...]) and run fit (or resume from a checkpoint)."
+            )
+        return self._posterior
+
+    @property
+    def state_key(self) -> str:
+        return "SWAGCallback"
+
+    def should_update(self, epoch: int, step: int | None = None) -> bool:
+        """Whether to snapshot at the end of ``epoch`` (epoch mode, ``step`` is None) or after
+        optimizer step ``step`` (step mode). Override for other schedules."""
+        if epoch < self.start_epoch:
+            return False
+        if self.every_n_steps is not None:
+            return step is not None and step > 0 and step % self.every_n_steps == 0
+        assert self.every_n_epochs is not None
+        return (epoch - self.start_epoch) % self.every_n_epochs == 0
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if stage == "fit" and name in _SHARDED_STRATEGIES:
+            raise RuntimeError(
+                f"SWAGCallback does not support the sharded strategy {name}: each rank holds only a shard "
+                "of the weights, so the posterior would be silently wrong. Use strategy='ddp'."
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = torch.device(self.device) if self.device is not None else pl_module.device
+        if self._posterior is None:
+            self._posterior = SWAGPosterior.from_model(
+                pl_module,
+                self.max_rank,
+                include=self.include,
+                moment_dtype=_DTYPES[self.moment_dtype],
+                deviation_dtype=_DTYPES[self.deviation_dtype],
+                device=device,
+            )
+        else:
+            self._posterior.check_compatible(pl_module)
+            if self._posterior.device != device:
+                self._posterior.to(device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self.swa_lr is not None
+            and not self._swa_lr_installed
+            and trainer.current_epoch >= self.start_epoch
+        ):
+            self._install_swa_lr(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_steps is not None:
+            step = trainer.global_step
+            if step != self._last_step and self.should_update(epoch, step):
+                self._snapshot(pl_module)
+                self._last_step = step
+            return
+        if trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
+            self._epoch_snapshot(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Fallback for epochs that end without a recognisable last batch (e.g. ``max_steps``).
+        if self.every_n_steps is None:
+            self._epoch_snapshot(trainer, pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            rank_zero_warn(
+                "SWAGCallback: the checkpoint holds no SWAG state (it was saved without this callback); "
+                "collection starts from a fresh posterior."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "posterior": self._posterior.state_dict() if self._posterior is not None else None,
+            "last_epoch": self._last_epoch,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        posterior_state = state_dict.get("posterior")
+        if posterior_state is not None and posterior_state["max_rank"] != self.max_rank:
+            rank_zero_warn(
+                f"SWAGCallback: the checkpoint's posterior has max_rank={posterior_state['max_rank']} but the "
+                f"callback was built with max_rank={self.max_rank}; the checkpoint's value is kept."
+            )
+        self._posterior = SWAGPosterior.from_state_dict(posterior_state) if posterior_state else None
+        self._last_epoch = int(state_dict.get("last_epoch", -1))
+        self._last_step = int(state_dict.get("last_step", 0))
+
+    # ------------------------------------------------------------------ internals
+    def _epoch_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch != self._last_epoch and self.should_update(epoch):
+            self._snapshot(pl_module)
+            self._last_epoch = epoch
+
+    def _snapshot(self, pl_module: L.LightningModule) -> None:
+        self.posterior.collect(pl_module)
+
+    def _install_swa_lr(self, trainer: L.Trainer) -> None:
+        assert self.swa_lr is not None
+        configs = []
+        for optimizer in trainer.optimizers:
+            scheduler = SWALR(
+                optimizer,
+                swa_lr=self.swa_lr,
+                anneal_epochs=self.annealing_epochs,
+                anneal_strategy=self.annealing_strategy,
+            )
+            configs.append(LRSchedulerConfig(scheduler, interval="epoch"))
+        if trainer.lr_scheduler_configs:
+            rank_zero_info("SWAGCallback: the LR scheduler is replaced by SWALR for the collection phase.")
+        trainer.strategy.lr_scheduler_configs = configs
+        self._swa_lr_installed = True

@@ -1,0 +1,281 @@
+"""``SWAGModule``: Bayesian model averaging over SWAG weight samples, as a LightningModule.
+
+Each batch is run through ``num_samples`` weight vectors drawn from the posterior. The forward
+passes are vectorised over samples with ``torch.func.functional_call`` + ``vmap`` (the model is
+never copied), in chunks that keep memory bounded, with a per-sample fallback for models that
+``vmap`` cannot trace.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from lightning_swag.posterior import SWAGPosterior
+
+__all__ = ["SWAGModule", "summarize_classification", "summarize_regression"]
+
+Task = Literal["regression", "classification"]
+Covariance = Literal["low_rank", "diagonal"]
+
+# Upper bound on the bytes of one chunk of sampled weights (float32), used to pick a chunk size.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+def summarize_regression(outputs: Tensor) -> dict[str, Tensor]:
+    """Mean and standard deviation over the sample axis (dim 0) of ``[S, B, ...]`` outputs.
+
+    The std is the spread of the Monte-Carlo mixture (``correction=0``), so ``S = 1`` gives 0.
+    """
+    std, mean = torch.std_mean(outputs, dim=0, correction=0)
+    return {"mean": mean, "std": std}
+
+
+def summarize_classification(logits: Tensor) -> dict[str, Tensor]:
+    """BMA summary of ``[S, B, C]`` logits: mean and std of the softmax probabilities,
+    predictive entropy of the mean, and mutual information (entropy of the mean − mean entropy)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    std, mean = torch.std_mean(probs, dim=0, correction=0)
+    entropy = _entropy(mean)
+    expected_entropy = _entropy(probs).mean(dim=0)
+    return {
+        "mean": mean,
+        "std": std,
+        "entropy": entropy,
+        "mutual_information": (entropy - expected_entropy).clamp_(min=0),
+    }
+
+
+def batch_inputs(batch: Any) -> Tensor:
+    """The model input of a batch: its first element for a tuple/list, the batch itself for a tensor."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(
+        f"SWAGModule expects a batch that is a tensor or a tuple/list whose first element is the input "
+        f"tensor; got {type(batch).__name__}. Override SWAGModule.batch_inputs for other layouts."
+    )
+
+
+class SWAGModule(L.LightningModule):
+    """Bayesian model averaging with SWAG posterior samples, for ``trainer.predict`` / ``trainer.test``.
+
+    Args:
+        model: the trained network (any ``nn.Module``/LightningModule whose ``forward`` gives raw
+            outputs; logits for classification). It is used as is and never modified.
+        posterior: the :class:`SWAGPosterior` collected for ``model`` (e.g. ``swag.posterior``), or
+            several independent ones (MultiSWAG: ``num_samples`` are drawn from each). ``None`` if
+            it is to be restored from a checkpoint (``trainer.predict(..., ckpt_path=...)``).
+        num_samples: weight samples per posterior.
+        scale: covariance scale (``0.5`` = the paper's ``1/√2``). ``scale=0`` with
+            ``num_samples=1`` is exactly the SWA model.
+        task: ``"regression"`` (outputs ``mean``, ``std``) or ``"classification"`` (softmax
+            ``mean``, ``std``, ``entropy``, ``mutual_information``).
+        covariance: ``"low_rank"`` (full SWAG) or ``"diagonal"`` (SWAG-Diagonal).
+        return_samples: also return the per-sample outputs ``samples`` ``[S, B, ...]``.
+        seed: makes the weight samples reproducible. Within one run the same weight samples are
+            used for every batch, so predictions of different batches come from the same models.
+        chunk_size: samples evaluated together in one vectorised call (default: as many as fit in
+            about 256 MiB of weights).
+        vectorize: use ``torch.func.vmap``; set False to force the per-sample loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        posterior: SWAGPosterior | Sequence[SWAGPosterior] | None = None,
+        num_samples: int = 30,
+        scale: float = 0.5,
+        task: Task = "regression",
+        covariance: Covariance = "low_rank",
+        return_samples: bool = False,
+        seed: int | None = None,
+        chunk_size: int | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}.")
+        if task not in ("regression", "classification"):
+            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}.")
+        if covariance not in ("low_rank", "diagonal"):
+            raise ValueError(f"covariance must be 'low_rank' or 'diagonal', got {covariance!r}.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
+        self.model = model
+        self.num_samples = num_samples
+        self.scale = float(scale)
+        self.task = task
+        self.covariance = covariance
+        self.return_samples = return_samples
+        self.seed = seed
+        self.chunk_size = chunk_size
+        self.vectorize = vectorize
+        self._posteriors: list[SWAGPosterior] = []
+        if posterior is not None:
+            self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else list(posterior)
+        self._run_seed: int | None = None
+
+    # ------------------------------------------------------------------ posteriors
+    @property
+    def posteriors(self) -> list[SWAGPosterior]:
+        """The posterior(s) sampled from (several for MultiSWAG)."""
+        return self._posteriors
+
+    @posteriors.setter
+    def posteriors(self, posteriors: Sequence[SWAGPosterior]) -> None:
+        if not posteriors:
+            raise ValueError("Give at least one SWAGPosterior.")
+        for i, post in enumerate(posteriors):
+            if not isinstance(post, SWAGPosterior):
+                raise TypeError(f"posterior {i} is a {type(post).__name__}, not a SWAGPosterior.")
+            if post.num_snapshots == 0:
+                raise ValueError(
+                    f"posterior {i} holds no snapshots, so there is nothing to sample. Train with "
+                    "SWAGCallback until at least one snapshot is collected (check start_epoch vs max_epochs)."
+                )
+            post.check_compatible(self.model)
+        self._posteriors = list(posteriors)
+
+    @property
+    def posterior(self) -> SWAGPosterior:
+        """The first (usually only) posterior."""
+        self._require_posteriors()
+        return self._posteriors[0]
+
+    @property
+    def total_samples(self) -> int:
+        return self.num_samples * len(self._posteriors)
+
+    # ------------------------------------------------------------------ prediction
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """BMA summary of the outputs for input ``x`` (see :meth:`predict_step`)."""
+        outputs = self.sample_outputs(x)
+        summary = (
+            summarize_classification(outputs)
+            if self.task == "classification"
+            else summarize_regression(outputs)
+        )
+        if self.return_samples:
+            summary["samples"] = outputs
+        return summary
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """One dict per batch: ``mean``, ``std`` (+ ``entropy``, ``mutual_information`` for
+        classification, + ``samples`` when ``return_samples``)."""
+        return self(self.batch_inputs(batch))
+
+    def batch_inputs(self, batch: Any) -> Tensor:
+        """Extract the model input from a batch; override for custom batch layouts."""
+        return batch_inputs(batch)
+
+    def on_predict_start(self) -> None:
+        self.reset_samples()
+
+    def on_test_start(self) -> None:
+        self.reset_samples()
+
+    def reset_samples(self) -> None:
+        """Draw a new set of weight samples at the next batch (a fixed one when ``seed`` is set)."""
+        self._run_seed = None
+
+    @torch.no_grad()
+    def sample_outputs(self, x: Tensor) -> Tensor:
+        """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]``."""
+        self._require_posteriors()
+        outputs = [self._forward_chunk(params, x) for params in self.iter_weight_samples()]
+        return torch.cat(outputs, dim=0)
+
+    def iter_weight_samples(self) -> Iterator[dict[str, Tensor]]:
+        """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device.
+
+        The same seed is reused for every batch of a run, so every batch sees the same models.
+        """
+        if self._run_seed is None:
+            self._run_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        param = next(iter(self.model.parameters()))
+        for index, post in enumerate(self._posteriors):
+            generator = torch.Generator(device=post.device)
+            generator.manual_seed(self._run_seed + 7919 * index)
+            chunk = self.chunk_size or max(1, min(self.num_samples, _CHUNK_BYTES // (4 * post.num_params)))
+            remaining = self.num_samples
+            while remaining > 0:
+                n = min(chunk, remaining)
+                flat = post.sample(
+                    n,
+                    scale=self.scale,
+                    generator=generator,
+                    diagonal_only=self.covariance == "diagonal",
+                )
+                yield post.unflatten(flat.to(dtype=param.dtype, device=param.device))
+                remaining -= n
+
+    def _forward_chunk(self, sampled: dict[str, Tensor], x: Tensor) -> Tensor:
+        base = {name: p.detach() for name, p in self.model.named_parameters()}
+        base.update(dict(self.model.named_buffers()))
+
+        def run_one(weights: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            return functional_call(self.model, {**base, **weights}, (inputs,))
+
+        if self.vectorize:
+            try:
+                return vmap(run_one, in_dims=(0, None))(sampled, x)
+            except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the loop
+                warnings.warn(
+                    f"SWAGModule: torch.func.vmap could not run {type(self.model).__name__} ({err}); "
+                    "falling back to one forward pass per sample. Pass vectorize=False to silence this.",
+                    stacklevel=2,
+                )
+                self.vectorize = False
+        n = next(iter(sampled.values())).shape[0]
+        return torch.stack([run_one({k: v[i] for k, v in sampled.items()}, x) for i in range(n)])
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["swag_posteriors"] = [post.state_dict() for post in self._posteriors]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Accept a checkpoint of the wrapped model's own training run (with SWAGCallback state) as
+        well as a SWAGModule checkpoint: the model weights and the posterior(s) are restored."""
+        state = checkpoint.get("state_dict", {})
+        own_keys = set(self.state_dict())
+        if state and not set(state) <= own_keys:
+            prefixed = {f"model.{k}": v for k, v in state.items()}
+            if set(prefixed) <= own_keys:
+                checkpoint["state_dict"] = prefixed
+        posterior_states = checkpoint.get("swag_posteriors") or [
+            value["posterior"]
+            for value in checkpoint.get("callbacks", {}).values()
+            if isinstance(value, dict) and isinstance(value.get("posterior"), dict)
+        ]
+        if posterior_states:
+            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu") for s in posterior_states]
+        elif not self._posteriors:
+            raise RuntimeError(
+                "The checkpoint holds no SWAG posterior (it was not saved by a Trainer with SWAGCallback, "
+                "or before the first snapshot), and SWAGModule was built without one."
+            )
+
+    # ------------------------------------------------------------------ helpers
+    def _require_posteriors(self) -> None:
+        if not self._posteriors:
+            raise RuntimeError(
+                "SWAGModule has no posterior: pass posterior=swag.posterior, or restore it with "
+                "trainer.predict(module, ckpt_path=...) from a checkpoint written with SWAGCallback."
+            )
