@@ -198,7 +198,7 @@ class SWAGPosterior:
     def deviations(self) -> Tensor:
         """The ``[k, P]`` deviation rows ``θ_i − θ̄_i``, oldest first (a copy)."""
         k = self.rank
-        if self._num_snapshots <= self.max_rank:
+        if self._num_snapshots <= self.max_rank or self.max_rank == 0:
             return self._deviations[:k].clone()
         start = self._num_snapshots % self.max_rank
         return torch.cat([self._deviations[start:], self._deviations[:start]])

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny deterministic models and data, and quiet Trainer settings."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+QUIET = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+}
+
+
+class TinyRegressor(L.LightningModule):
+    """A 2-layer MLP on 4 inputs, plain SGD (deterministic on CPU)."""
+
+    def __init__(self, lr: float = 0.05, hidden: int = 8) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def tiny_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x.sum(dim=1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    """The trainable weights in parameters() order, the independent way."""
+    return torch.nn.utils.parameters_to_vector([p for p in module.parameters() if p.requires_grad]).detach()
+
+
+class WeightRecorder(L.Callback):
+    """Records the weights after every optimizer step and at every epoch end, independently of SWAG."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, torch.Tensor] = {}
+        self.by_step: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.by_step[trainer.global_step] = flat_params(pl_module).double().clone()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.by_epoch[trainer.current_epoch] = flat_params(pl_module).double().clone()
+
+
+def expected_moments(snapshots: list[torch.Tensor], max_rank: int):
+    """Mean, population variance and the last ``max_rank`` deviation rows θ_i − mean(θ_1..θ_i)."""
+    stack = torch.stack(snapshots).double()
+    mean = stack.mean(0)
+    var = stack.var(0, correction=0)
+    devs = [stack[i] - stack[: i + 1].mean(0) for i in range(len(snapshots))]
+    rows = torch.stack(devs[-max_rank:]) if max_rank else stack.new_zeros(0, stack.shape[1])
+    return mean, var, rows
+
+
+@pytest.fixture
+def tiny_model() -> TinyRegressor:
+    torch.manual_seed(0)
+    return TinyRegressor()

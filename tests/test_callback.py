@@ -1,0 +1,159 @@
+"""SWAGCallback: schedule, checkpoint state, resume, SWA learning rate."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import QUIET, TinyRegressor, WeightRecorder, expected_moments, tiny_loader
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_swag import SWAGCallback, SWAGModule
+
+
+def _fit(callbacks, max_epochs=6, model=None, ckpt_path=None, **trainer_kwargs):
+    torch.manual_seed(0)
+    model = model or TinyRegressor()
+    kwargs = {**QUIET, **trainer_kwargs}
+    trainer = L.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
+    trainer.fit(model, train_dataloaders=tiny_loader(), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def _assert_posterior_equals(post, snapshots, max_rank):
+    mean, var, rows = expected_moments(snapshots, max_rank)
+    assert post.num_snapshots == len(snapshots)
+    torch.testing.assert_close(post.mean, mean, rtol=0, atol=1e-10)
+    torch.testing.assert_close(post.variance, var, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(post.deviations.double(), rows, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_schedule_collects_the_right_epochs() -> None:
+    swag, recorder = SWAGCallback(start_epoch=2, every_n_epochs=2, max_rank=2), WeightRecorder()
+    _fit([swag, recorder], max_epochs=9)
+    expected = [recorder.by_epoch[e] for e in (2, 4, 6, 8)]
+    _assert_posterior_equals(swag.posterior, expected, max_rank=2)
+
+
+def test_step_schedule_with_gradient_accumulation() -> None:
+    swag, recorder = SWAGCallback(every_n_steps=3, max_rank=4), WeightRecorder()
+    # 4 batches per epoch, accumulate 2 -> 2 optimizer steps per epoch, 10 steps in 5 epochs
+    _fit([swag, recorder], max_epochs=5, accumulate_grad_batches=2)
+    expected = [recorder.by_step[s] for s in (3, 6, 9)]
+    _assert_posterior_equals(swag.posterior, expected, max_rank=4)
+
+
+def test_max_steps_mid_epoch_still_collects_that_epoch() -> None:
+    swag, recorder = SWAGCallback(start_epoch=0, max_rank=3), WeightRecorder()
+    _fit([swag, recorder], max_epochs=-1, max_steps=10)  # 4 batches/epoch: stops inside epoch 2
+    assert sorted(recorder.by_epoch) == [0, 1, 2]
+    _assert_posterior_equals(swag.posterior, [recorder.by_epoch[e] for e in (0, 1, 2)], max_rank=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"start_epoch": -1}, "start_epoch"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_epochs": 2, "every_n_steps": 2}, "mutually exclusive"),
+        ({"max_rank": -3}, "max_rank"),
+        ({"max_rank": 2.5}, "max_rank"),
+        ({"swa_lr": -0.1}, "swa_lr"),
+        ({"deviation_dtype": "int8"}, "deviation_dtype"),
+        ({"include": []}, "include"),
+        ({"annealing_strategy": "step"}, "annealing_strategy"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, name) -> None:
+    with pytest.raises(ValueError, match=name):
+        SWAGCallback(**kwargs)
+
+
+def test_posterior_before_fit_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="trainer.fit"):
+        _ = SWAGCallback().posterior
+
+
+def test_no_snapshot_gives_a_clear_error_in_swag_module() -> None:
+    swag = SWAGCallback(start_epoch=10)
+    _, model = _fit([swag], max_epochs=2)
+    with pytest.raises(ValueError, match="no snapshots"):
+        SWAGModule(model, swag.posterior)
+
+
+def test_resume_continues_the_same_posterior(tmp_path) -> None:
+    """An interrupted run resumed from its epoch checkpoint equals the uninterrupted run."""
+    full = SWAGCallback(start_epoch=1, max_rank=3)
+    _fit([full], max_epochs=8)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first = SWAGCallback(start_epoch=1, max_rank=3)
+    _fit([first, ckpt], max_epochs=5, enable_checkpointing=True)
+    assert first.posterior.num_snapshots == 4
+
+    resumed = SWAGCallback(start_epoch=1, max_rank=3)
+    _fit([resumed], max_epochs=8, ckpt_path=tmp_path / "epoch=4.ckpt")
+    assert resumed.posterior.num_snapshots == full.posterior.num_snapshots == 7
+    torch.testing.assert_close(resumed.posterior.mean, full.posterior.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(resumed.posterior.variance, full.posterior.variance, rtol=0, atol=1e-12)
+    torch.testing.assert_close(resumed.posterior.deviations, full.posterior.deviations, rtol=0, atol=1e-6)
+
+
+def test_resume_from_checkpoint_without_swag_state_warns(tmp_path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="plain")
+    _fit([ckpt], max_epochs=2, enable_checkpointing=True)
+    swag = SWAGCallback(max_rank=2)
+    with pytest.warns(UserWarning, match="no SWAG state"):
+        _fit([swag], max_epochs=4, ckpt_path=tmp_path / "plain.ckpt")
+    assert swag.posterior.num_snapshots == 2  # epochs 2 and 3 only, a fresh posterior
+
+
+def test_predict_restores_posterior_from_training_checkpoint(tmp_path) -> None:
+    swag = SWAGCallback(start_epoch=1, max_rank=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer, model = _fit([swag, ckpt], max_epochs=5, enable_checkpointing=True)
+
+    expected = SWAGModule(model, swag.posterior, num_samples=8, seed=3)
+    expected_out = L.Trainer(**QUIET).predict(expected, tiny_loader())
+
+    torch.manual_seed(123)
+    fresh = TinyRegressor()  # different weights: everything must come from the checkpoint
+    restored = SWAGModule(fresh, posterior=None, num_samples=8, seed=3)
+    out = L.Trainer(**QUIET).predict(restored, tiny_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert restored.posterior.num_snapshots == 4
+    for a, b in zip(out, expected_out, strict=True):
+        torch.testing.assert_close(a["mean"], b["mean"])
+        torch.testing.assert_close(a["std"], b["std"])
+
+
+def test_swa_lr_switches_the_learning_rate_at_start_epoch() -> None:
+    lrs: dict[int, float] = {}
+
+    class LRRecorder(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    swag = SWAGCallback(start_epoch=3, swa_lr=0.2, max_rank=2)
+    _fit([swag, LRRecorder()], max_epochs=6, model=TinyRegressor(lr=0.01))
+    assert [lrs[e] for e in range(3)] == [0.01, 0.01, 0.01]
+    assert [lrs[e] for e in range(3, 6)] == pytest.approx([0.2, 0.2, 0.2])
+
+
+def test_default_leaves_the_optimizer_alone() -> None:
+    lrs = []
+
+    class LRRecorder(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _fit([SWAGCallback(), LRRecorder()], max_epochs=3, model=TinyRegressor(lr=0.01))
+    assert lrs == [0.01, 0.01, 0.01]
+
+
+def test_device_and_dtypes_are_configurable() -> None:
+    swag = SWAGCallback(max_rank=2, device="cpu", moment_dtype="float32", deviation_dtype="bfloat16")
+    _fit([swag], max_epochs=3)
+    post = swag.posterior
+    assert post.device == torch.device("cpu")
+    assert post.moment_dtype == torch.float32 and post.deviation_dtype == torch.bfloat16

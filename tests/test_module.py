@@ -1,0 +1,185 @@
+"""SWAGModule: BMA outputs against explicit per-sample averages, shapes, errors, MultiSWAG."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from conftest import QUIET
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_swag import SWAGModule, SWAGPosterior
+
+
+def _posterior_for(net: nn.Module, snapshots: int = 6, max_rank: int = 4, seed: int = 0) -> SWAGPosterior:
+    post = SWAGPosterior.from_model(net, max_rank=max_rank)
+    g = torch.Generator().manual_seed(seed)
+    walker = copy.deepcopy(net)
+    for _ in range(snapshots):
+        with torch.no_grad():
+            for p in walker.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        post.collect(walker)
+    return post
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _regressor() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _explicit_outputs(net, post, x, num_samples, scale, seed, diagonal_only=False):
+    """The reference BMA: draw weights, load them into a copy of the model, run it, one sample at a time."""
+    weights = post.sample(
+        num_samples, scale=scale, generator=torch.Generator().manual_seed(seed), diagonal_only=diagonal_only
+    )
+    model = copy.deepcopy(net).eval()
+    outs = []
+    with torch.no_grad():
+        for w in weights:
+            post.load_into(model, w.float())
+            outs.append(model(x))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("covariance", ["low_rank", "diagonal"])
+def test_regression_bma_equals_explicit_average(vectorize: bool, covariance: str) -> None:
+    net = _regressor()
+    post = _posterior_for(net)
+    x = torch.randn(7, 2)
+    bma = SWAGModule(
+        net, post, num_samples=20, seed=5, vectorize=vectorize, covariance=covariance, return_samples=True
+    )
+    out = bma(x)
+    ref = _explicit_outputs(net, post, x, 20, 0.5, 5, diagonal_only=covariance == "diagonal")
+    torch.testing.assert_close(out["samples"], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["mean"], ref.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["std"], ref.std(0, correction=0), rtol=1e-4, atol=1e-5)
+    assert out["mean"].shape == out["std"].shape == (7, 2)
+
+
+def test_classification_outputs() -> None:
+    net = _classifier()
+    post = _posterior_for(net)
+    x = torch.randn(11, 5)
+    out = SWAGModule(net, post, num_samples=25, seed=1, task="classification", return_samples=True)(x)
+    probs = torch.softmax(out["samples"], dim=-1)
+    assert out["samples"].shape == (25, 11, 3)
+    torch.testing.assert_close(out["mean"].sum(-1), torch.ones(11))
+    torch.testing.assert_close(out["mean"], probs.mean(0))
+    torch.testing.assert_close(out["std"], probs.std(0, correction=0))
+    entropy = -(out["mean"] * out["mean"].log()).sum(-1)
+    torch.testing.assert_close(out["entropy"], entropy)
+    mean_entropy = -(probs * probs.log()).sum(-1).mean(0)
+    torch.testing.assert_close(out["mutual_information"], (entropy - mean_entropy).clamp(min=0))
+    assert (out["mutual_information"] >= 0).all()
+
+
+def test_scale_zero_single_sample_is_exactly_swa() -> None:
+    net = _classifier()
+    post = _posterior_for(net)
+    swa = copy.deepcopy(net)
+    post.load_into(swa)
+    x = torch.randn(9, 5)
+    out = SWAGModule(net, post, num_samples=1, scale=0.0, task="regression", return_samples=True)(x)
+    torch.testing.assert_close(out["mean"], swa(x).detach(), rtol=0, atol=0)
+    assert torch.equal(out["std"], torch.zeros_like(out["std"]))
+
+
+def test_same_weight_samples_for_every_batch_and_seed_reproducible() -> None:
+    net = _regressor()
+    post = _posterior_for(net)
+    x = torch.randn(6, 2)
+    loader = DataLoader(TensorDataset(torch.cat([x, x]), torch.zeros(12)), batch_size=6)
+    trainer = L.Trainer(**QUIET)
+    first, second = trainer.predict(SWAGModule(net, post, num_samples=15, seed=2), loader)
+    torch.testing.assert_close(first["mean"], second["mean"], rtol=0, atol=0)
+    again = trainer.predict(SWAGModule(net, post, num_samples=15, seed=2), loader)
+    torch.testing.assert_close(again[0]["std"], first["std"], rtol=0, atol=0)
+
+
+def test_chunking_bounds_each_call_and_keeps_statistics() -> None:
+    net = _regressor()
+    post = _posterior_for(net)
+    x = torch.randn(500, 2)
+    small = SWAGModule(net, post, num_samples=400, seed=0, chunk_size=7, return_samples=True)(x)
+    assert small["samples"].shape == (400, 500, 2)
+    big = SWAGModule(net, post, num_samples=400, seed=1)(x)
+    # different draws, same distribution: BMA means agree to Monte-Carlo error
+    assert (small["mean"] - big["mean"]).abs().mean() < 0.1 * big["std"].mean()
+
+
+def test_multiswag_averages_over_all_posteriors() -> None:
+    net = _regressor()
+    posts = [_posterior_for(net, seed=s) for s in (0, 1, 2)]
+    x = torch.randn(4, 2)
+    bma = SWAGModule(net, posts, num_samples=5, seed=0, return_samples=True)
+    out = bma(x)
+    assert out["samples"].shape == (15, 4, 2)
+    torch.testing.assert_close(out["mean"], out["samples"].mean(0))
+    # the first five samples are posterior 0's, drawn as documented
+    ref = _explicit_outputs(net, posts[0], x, 5, 0.5, 0)
+    torch.testing.assert_close(out["samples"][:5], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_layouts() -> None:
+    net = _regressor()
+    bma = SWAGModule(net, _posterior_for(net), num_samples=3, seed=0)
+    x = torch.randn(4, 2)
+    a = bma.predict_step(x, 0)
+    bma.reset_samples()
+    b = bma.predict_step((x, torch.zeros(4)), 0)
+    torch.testing.assert_close(a["mean"], b["mean"])
+    with pytest.raises(TypeError, match="first element"):
+        bma.predict_step({"x": x}, 0)
+
+
+def test_errors_name_the_problem() -> None:
+    net = _classifier()
+    empty = SWAGPosterior.from_model(net)
+    with pytest.raises(ValueError, match="no snapshots"):
+        SWAGModule(net, empty)
+    other = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 3))
+    with pytest.raises(ValueError, match=r"does not match.*shape mismatches"):
+        SWAGModule(other, _posterior_for(net))
+    renamed = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Identity(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="missing parameters"):
+        SWAGModule(renamed, _posterior_for(net))
+    with pytest.raises(ValueError, match="task"):
+        SWAGModule(net, _posterior_for(net), task="segmentation")
+    with pytest.raises(ValueError, match="num_samples"):
+        SWAGModule(net, _posterior_for(net), num_samples=0)
+    with pytest.raises(ValueError, match="scale"):
+        SWAGModule(net, _posterior_for(net), scale=-0.5)
+    with pytest.raises(RuntimeError, match="no posterior"):
+        SWAGModule(net)(torch.randn(2, 5))
+
+
+def test_non_vmappable_model_falls_back_with_a_warning() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x):
+            out = self.lin(x)
+            if out.sum() > 1e9:  # data-dependent control flow: vmap cannot trace it
+                return out * 0
+            return out
+
+    torch.manual_seed(0)
+    net = DataDependent()
+    post = _posterior_for(net)
+    x = torch.randn(3, 2)
+    with pytest.warns(UserWarning, match="falling back"):
+        out = SWAGModule(net, post, num_samples=4, seed=1, return_samples=True)(x)
+    torch.testing.assert_close(out["samples"], _explicit_outputs(net, post, x, 4, 0.5, 1))
