@@ -1,10 +1,16 @@
 """Sine regression with SWA, SWAG-Diagonal and SWAG: the reference notebook's first experiment.
 
 One Lightning run pretrains the notebook's net (SGD, lr 0.001, 100 epochs), then ``SWAGCallback``
-switches to the collection learning rate (0.01) and snapshots the weights every 10 epochs for 100
-more epochs, rank 25. From that single posterior we evaluate SWA (the mean), SWAG-Diagonal and
-SWAG with Bayesian model averaging over 500 samples on x ∈ [-10, 10], save the notebook's two-panel
-figure for each method and a ``metrics.json``.
+switches to the collection learning rate (0.01) and snapshots the weights for 100 more epochs,
+rank 25. From that single posterior we evaluate SWA (the mean), SWAG-Diagonal and SWAG with
+Bayesian model averaging over 500 samples on x ∈ [-10, 10], save the notebook's two-panel figure
+for each method and a ``metrics.json``.
+
+One departure from the notebook's settings: we snapshot **every epoch** (100 snapshots) instead of
+every 10th (10 snapshots). The SWA mean is then averaged over ten times more SGD iterates and the
+rank-25 buffer is actually filled; over 5 seeds this lowers the RMSE against the true function from
+0.44 (every 10th epoch) to 0.36, the notebook's own code giving 0.43 (``benchmarks/sine_benchmark.py``).
+``--every-n-epochs 10`` restores the notebook's schedule.
 
     python examples/sine.py                 # full protocol, ~30 s on 2 CPU cores
     python examples/sine.py --fast          # reduced setting used by the tests
@@ -38,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="outputs/sine", help="where figures and metrics.json go")
     parser.add_argument("--pretrain-epochs", type=int, default=100)
     parser.add_argument("--collect-epochs", type=int, default=100)
-    parser.add_argument("--every-n-epochs", type=int, default=10)
+    parser.add_argument("--every-n-epochs", type=int, default=1)
     parser.add_argument("--max-rank", type=int, default=25)
     parser.add_argument("--pretrain-lr", type=float, default=0.001)
     parser.add_argument("--swa-lr", type=float, default=0.01)
