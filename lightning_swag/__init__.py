@@ -7,6 +7,7 @@
 from lightning_swag.callback import SWAGCallback
 from lightning_swag.module import SWAGModule
 from lightning_swag.posterior import SWAGPosterior
+from lightning_swag.writer import SWAGPredictionWriter
 
-__all__ = ["SWAGCallback", "SWAGModule", "SWAGPosterior"]
+__all__ = ["SWAGCallback", "SWAGModule", "SWAGPosterior", "SWAGPredictionWriter"]
 __version__ = "0.1.0.dev0"

@@ -60,6 +60,11 @@ class _ReferenceModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Raw outputs for the inputs of a ``(inputs, targets)`` batch or of a bare input tensor."""
+        inputs = batch if isinstance(batch, Tensor) else batch[0]
+        return self(inputs)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

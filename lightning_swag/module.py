@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from lightning_swag.metrics import UncertaintyMetrics
 from lightning_swag.posterior import SWAGPosterior
 
 __all__ = ["SWAGModule", "summarize_classification", "summarize_regression"]
@@ -27,6 +28,9 @@ Covariance = Literal["low_rank", "diagonal"]
 
 # Upper bound on the bytes of one chunk of sampled weights (float32), used to pick a chunk size.
 _CHUNK_BYTES = 256 * 2**20
+# Weight samples of a run are kept between batches when all of them fit in this many bytes;
+# larger sets are redrawn from the same seed for every batch.
+_CACHE_BYTES = 512 * 2**20
 
 
 def _entropy(probs: Tensor) -> Tensor:
@@ -131,6 +135,9 @@ class SWAGModule(L.LightningModule):
         if posterior is not None:
             self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else list(posterior)
         self._run_seed: int | None = None
+        self._sample_cache: list[dict[str, Tensor]] | None = None
+        self._test_metrics: UncertaintyMetrics | None = None
+        self._test_sums: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ posteriors
     @property
@@ -194,12 +201,19 @@ class SWAGModule(L.LightningModule):
     def reset_samples(self) -> None:
         """Draw a new set of weight samples at the next batch (a fixed one when ``seed`` is set)."""
         self._run_seed = None
+        self._sample_cache = None
 
     @torch.no_grad()
     def sample_outputs(self, x: Tensor) -> Tensor:
         """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]``."""
         self._require_posteriors()
-        outputs = [self._forward_chunk(params, x) for params in self.iter_weight_samples()]
+        chunks = self._sample_cache
+        if chunks is None:
+            chunks = self.iter_weight_samples()
+            total_bytes = 4 * sum(self.num_samples * post.num_params for post in self._posteriors)
+            if total_bytes <= _CACHE_BYTES:
+                chunks = self._sample_cache = list(chunks)
+        outputs = [self._forward_chunk(params, x) for params in chunks]
         return torch.cat(outputs, dim=0)
 
     def iter_weight_samples(self) -> Iterator[dict[str, Tensor]]:
@@ -245,6 +259,52 @@ class SWAGModule(L.LightningModule):
                 self.vectorize = False
         n = next(iter(sampled.values())).shape[0]
         return torch.stack([run_one({k: v[i] for k, v in sampled.items()}, x) for i in range(n)])
+
+    # ------------------------------------------------------------------ test metrics
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """BMA on a labelled batch ``(x, y, ...)``; metrics are logged at the end of the test epoch.
+
+        Classification: ``test_accuracy``, ``test_nll``, ``test_brier``, ``test_ece`` (15 bins),
+        ``test_entropy`` and ``test_mutual_information`` of the BMA probabilities.
+        Regression: ``test_rmse`` of the BMA mean and ``test_mean_std``.
+        """
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("SWAGModule.test_step needs labelled batches (inputs, targets, ...).")
+        targets = batch[1]
+        out = self(self.batch_inputs(batch))
+        if self.task == "classification":
+            if self._test_metrics is None:
+                self._test_metrics = UncertaintyMetrics(num_classes=out["mean"].shape[-1]).to(self.device)
+            self._test_metrics.update(out["mean"], targets)
+            self._accumulate("mutual_information", out["mutual_information"].sum(), len(targets))
+        else:
+            error = (out["mean"] - targets.reshape(out["mean"].shape)).square().sum()
+            self._accumulate("squared_error", error, targets.numel())
+            self._accumulate("std", out["std"].sum(), targets.numel())
+        return out
+
+    def on_test_epoch_start(self) -> None:
+        self._test_sums = {}
+        if self._test_metrics is not None:
+            self._test_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._test_sums.items()}
+        logged: dict[str, Tensor] = {}
+        if self._test_metrics is not None:
+            logged.update(self._test_metrics.compute())
+            logged["mutual_information"] = sums["mutual_information"] / sums["mutual_information_count"]
+        if "squared_error" in sums:
+            logged["rmse"] = (sums["squared_error"] / sums["squared_error_count"]).sqrt()
+            logged["mean_std"] = sums["std"] / sums["std_count"]
+        self.log_dict({f"test_{k}": v.float() for k, v in logged.items()}, sync_dist=False)
+
+    def _accumulate(self, name: str, value: Tensor, count: int) -> None:
+        value = value.detach().double()
+        self._test_sums[name] = self._test_sums.get(name, 0) + value
+        self._test_sums[f"{name}_count"] = self._test_sums.get(f"{name}_count", 0) + torch.tensor(
+            float(count), dtype=torch.float64, device=value.device
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

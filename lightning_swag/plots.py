@@ -12,7 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-__all__ = ["plot_regression", "save_figure"]
+__all__ = [
+    "plot_entropy_histograms",
+    "plot_regression",
+    "plot_reliability_diagrams",
+    "plot_uncertain_digits",
+    "save_figure",
+]
 
 
 def _np(t: Tensor):
@@ -61,6 +67,89 @@ def plot_regression(
         ax.legend(loc="upper left")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_uncertain_digits(
+    images: Tensor,
+    probs: Tensor,
+    std: Tensor,
+    targets: Tensor,
+    num_images: int = 20,
+    columns: int = 5,
+    title: str = "",
+) -> Figure:
+    """The notebook's grid of the most uncertain test digits.
+
+    Digits are ranked by the summed std of their class probabilities over the weight samples (the
+    notebook's criterion). Each title shows the predicted and true class and the std of the
+    predicted class; a wrong prediction also shows the runner-up class ("could be").
+
+    Args:
+        images: ``[N, 1, 28, 28]`` or ``[N, 784]`` test images (any normalisation).
+        probs: BMA probabilities ``[N, C]``.
+        std: per-class std of the probabilities over samples ``[N, C]``.
+        targets: true classes ``[N]``.
+    """
+    order = std.sum(dim=1).argsort(descending=True)[:num_images]
+    rows = max(1, -(-len(order) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.1 * rows))
+    axes = axes.reshape(-1) if hasattr(axes, "reshape") else [axes]
+    for ax in axes:
+        ax.axis("off")
+    for ax, idx in zip(axes, order.tolist(), strict=False):
+        ax.imshow(images[idx].detach().cpu().float().reshape(28, 28).numpy(), cmap="gray")
+        top2 = probs[idx].topk(2).indices.tolist()
+        pred, actual = top2[0], int(targets[idx])
+        text = f"Pred: {pred}  True: {actual}\nstd: {float(std[idx, pred]):.2f}"
+        if pred != actual:
+            text += f"\nCould be {top2[1]}"
+        ax.set_title(text, fontsize=9, color="black" if pred == actual else "darkred")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability_diagrams(curves: dict[str, object], ece: dict[str, float] | None = None) -> Figure:
+    """One reliability diagram per method: accuracy vs confidence per bin, with bin counts shaded.
+
+    Args:
+        curves: ``{method: lightning_swag.metrics.ReliabilityCurve}``.
+        ece: optional ``{method: ECE}`` shown in the panel titles.
+    """
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.8), sharey=True, squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
+        edges = curve.bin_edges.cpu().numpy()
+        centers = (edges[:-1] + edges[1:]) / 2
+        width = edges[1] - edges[0]
+        acc = curve.accuracy.cpu().numpy()
+        ax.bar(centers, acc, width=width, edgecolor="k", color="tab:blue", alpha=0.8, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        label = name if ece is None else f"{name} (ECE {100 * ece[name]:.2f}%)"
+        ax.set_title(label, fontsize=10)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_entropy_histograms(in_entropy: dict[str, Tensor], out_entropy: dict[str, Tensor]) -> Figure:
+    """Histograms of predictive entropy on in-distribution (MNIST) vs OOD (Fashion-MNIST) test inputs."""
+    names = list(in_entropy)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        hi = max(float(in_entropy[name].max()), float(out_entropy[name].max()), 1e-3)
+        bins = [hi * i / 30 for i in range(31)]
+        ax.hist(_np(in_entropy[name]), bins=bins, alpha=0.6, density=True, label="MNIST (in)")
+        ax.hist(_np(out_entropy[name]), bins=bins, alpha=0.6, density=True, label="Fashion-MNIST (OOD)")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("predictive entropy (nats)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

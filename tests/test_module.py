@@ -183,3 +183,34 @@ def test_non_vmappable_model_falls_back_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="falling back"):
         out = SWAGModule(net, post, num_samples=4, seed=1, return_samples=True)(x)
     torch.testing.assert_close(out["samples"], _explicit_outputs(net, post, x, 4, 0.5, 1))
+
+
+def test_trainer_test_logs_uncertainty_metrics_of_the_bma() -> None:
+    from lightning_swag import metrics
+
+    net = _classifier()
+    post = _posterior_for(net)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(70, 5, generator=g), torch.randint(0, 3, (70,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = L.Trainer(**QUIET)
+    logged = trainer.test(SWAGModule(net, post, num_samples=12, seed=4, task="classification"), loader)[0]
+    batches = trainer.predict(SWAGModule(net, post, num_samples=12, seed=4, task="classification"), loader)
+    probs = torch.cat([b["mean"] for b in batches])
+    mi = torch.cat([b["mutual_information"] for b in batches])
+    expected = metrics.classification_metrics(probs, y)
+    for key in ("accuracy", "nll", "brier", "ece", "entropy"):
+        assert logged[f"test_{key}"] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    assert logged["test_mutual_information"] == pytest.approx(mi.mean().item(), rel=1e-4)
+
+
+def test_trainer_test_regression_rmse() -> None:
+    net = _regressor()
+    post = _posterior_for(net)
+    x, y = torch.randn(40, 2), torch.randn(40, 2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    trainer = L.Trainer(**QUIET)
+    logged = trainer.test(SWAGModule(net, post, num_samples=9, seed=1), loader)[0]
+    out = SWAGModule(net, post, num_samples=9, seed=1)(x)
+    assert logged["test_rmse"] == pytest.approx((out["mean"] - y).square().mean().sqrt().item(), rel=1e-5)
+    assert logged["test_mean_std"] == pytest.approx(out["std"].mean().item(), rel=1e-5)

@@ -1,5 +1,12 @@
 """DataModules of the reference experiments."""
 
+from lightning_swag.data.mnist import MNISTDataModule, TensorBatchLoader, fashion_mnist_test_loader
 from lightning_swag.data.sine import SineDataModule, sine_function
 
-__all__ = ["SineDataModule", "sine_function"]
+__all__ = [
+    "MNISTDataModule",
+    "SineDataModule",
+    "TensorBatchLoader",
+    "fashion_mnist_test_loader",
+    "sine_function",
+]

@@ -1,0 +1,41 @@
+"""The MNIST experiment end to end in its ``--fast`` setting (real data when LIGHTNING_SWAG_DATA is set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_swag.data.synthetic import write_synthetic_idx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import mnist  # noqa: E402
+
+
+@pytest.mark.slow
+def test_mnist_example_fast(tmp_path) -> None:
+    data_dir = os.environ.get("LIGHTNING_SWAG_DATA")
+    extra: list[str] = []
+    if not data_dir:
+        data_dir = str(tmp_path / "data")
+        for dataset in ("MNIST", "FashionMNIST"):
+            write_synthetic_idx(data_dir, dataset, num_train=1200, num_test=400)
+        extra = ["--subset", "1200", "--test-subset", "400"]
+    out = tmp_path / "out"
+    args = mnist.parse_args(["--fast", "--data-dir", data_dir, "--output-dir", str(out), *extra])
+    table = mnist.run(args)
+    assert list(table) == ["SGD", "SWA", "SWAG-Diagonal", "SWAG", "MultiSWAG (3 runs)"]
+    saved = json.loads((out / "results.json").read_text())["methods"]
+    for name, row in table.items():
+        assert saved[name]["accuracy"] == pytest.approx(row["accuracy"])
+        assert 0.5 < row["accuracy"] <= 1.0, name  # far above chance (0.1) after a few epochs
+        assert row["nll"] > 0 and 0 <= row["ece"] <= 1 and 0 <= row["ood_auroc"] <= 1
+    assert table["SGD"]["mutual_information"] == 0.0 and table["SWA"]["mutual_information"] == 0.0
+    assert table["SWAG"]["mutual_information"] > 0
+    assert "| SWAG |" in (out / "results.md").read_text()
+    for figure in ("uncertain_digits.png", "reliability.png", "entropy_histograms.png"):
+        assert (out / figure).stat().st_size > 10_000
