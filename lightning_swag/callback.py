@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim.swa_utils import SWALR
@@ -23,6 +24,15 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _sharded_base(strategy: object) -> str | None:
+    """The sharded strategy ``strategy`` is or derives from (matched by class name, so that the
+    optional DeepSpeed need not be importable), or None."""
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in _SHARDED_STRATEGIES:
+            return cls.__name__
+    return None
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -44,6 +54,13 @@ class SWAGCallback(Callback):
     The epoch snapshot is taken right after the epoch's last optimizer step, before validation and
     before epoch-end checkpoints are written, so a checkpoint always holds the posterior that matches
     its weights and a resume neither loses nor repeats a snapshot.
+
+    Steps are Lightning's ``global_step``: with several optimizers (manual optimization) every
+    ``optimizer.step()`` counts. Weights that became NaN or infinite (diverged training) raise a
+    ``FloatingPointError`` naming the parameters, epoch and step; that snapshot is not added and the
+    posterior keeps the earlier ones. Sharded strategies (FSDP, DeepSpeed, ModelParallel) are
+    refused in ``setup``. With spawn-based strategies (``"ddp_spawn"``) the posterior stays in the
+    worker processes (a warning says so): prefer ``strategy="ddp"`` or restore it from a checkpoint.
 
     Args:
         start_epoch: first epoch (0-based) whose weights are collected.
@@ -141,7 +158,9 @@ class SWAGCallback(Callback):
         if self._posterior is None:
             raise RuntimeError(
                 "SWAGCallback has no posterior yet: it is created when trainer.fit starts. "
-                "Pass the callback to L.Trainer(callbacks=[...]) and run fit (or resume from a checkpoint)."
+                "Pass the callback to L.Trainer(callbacks=[...]) and run fit (or resume from a checkpoint). "
+                "After fit with a spawn-based strategy ('ddp_spawn', 'ddp_notebook') the posterior stayed in "
+                "the worker processes: restore it from a checkpoint, or train with strategy='ddp'."
             )
         return self._posterior
 
@@ -161,11 +180,23 @@ class SWAGCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        name = type(trainer.strategy).__name__
-        if stage == "fit" and name in _SHARDED_STRATEGIES:
+        sharded = _sharded_base(trainer.strategy)
+        if stage == "fit" and sharded is not None:
+            name = type(trainer.strategy).__name__
+            kind = name if name == sharded else f"{name} (a {sharded})"
             raise RuntimeError(
-                f"SWAGCallback does not support the sharded strategy {name}: each rank holds only a shard "
+                f"SWAGCallback does not support the sharded strategy {kind}: each rank holds only a shard "
                 "of the weights, so the posterior would be silently wrong. Use strategy='ddp'."
+            )
+        if stage == "fit" and isinstance(
+            getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher
+        ):
+            rank_zero_warn(
+                "SWAGCallback: this strategy trains in spawned/forked worker processes ('ddp_spawn', "
+                "'ddp_notebook', ...) and Lightning sends only the weights back, not callback state, so "
+                "`swag.posterior` will not be available in the launching process after fit. Keep it with "
+                "a ModelCheckpoint (SWAGModule restores it: trainer.predict(..., ckpt_path=...)) or use "
+                "strategy='ddp'."
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -245,7 +276,18 @@ class SWAGCallback(Callback):
             self._last_epoch = epoch
 
     def _snapshot(self, pl_module: L.LightningModule) -> None:
-        self.posterior.collect(pl_module)
+        try:
+            self.posterior.collect(pl_module)
+        except FloatingPointError as err:
+            # Diverged training: fail loudly (later snapshots would be non-finite too). The
+            # posterior keeps the snapshots collected so far; say where it happened.
+            trainer = pl_module._trainer
+            where = (
+                f" at epoch {trainer.current_epoch}, global step {trainer.global_step}"
+                if trainer is not None
+                else ""
+            )
+            raise FloatingPointError(f"SWAGCallback{where}: {err}") from err
 
     def _install_swa_lr(self, trainer: L.Trainer) -> None:
         assert self.swa_lr is not None

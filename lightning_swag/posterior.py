@@ -25,6 +25,8 @@ from torch import Tensor, nn
 __all__ = ["SWAGPosterior", "select_parameters"]
 
 _FORMAT_VERSION = 1
+# Columns of the deviation buffer converted to the moment dtype at a time while sampling.
+_SAMPLE_BLOCK = 2**18
 
 
 def select_parameters(
@@ -87,7 +89,7 @@ class SWAGPosterior:
         >>> post = SWAGPosterior.from_model(net, max_rank=5)
         >>> for _ in range(4):
         ...     with torch.no_grad():
-        ...         net.weight.add_(0.1)
+        ...         _ = net.weight.add_(0.1)
         ...     post.collect(net)
         >>> post.num_snapshots, post.rank, post.sample(10).shape
         (4, 4, torch.Size([10, 8]))
@@ -299,20 +301,30 @@ class SWAGPosterior:
         self._require_snapshots("sample")
         out_dtype = dtype or self.moment_dtype
         mean = self._mean
-        samples = mean.expand(num_samples, -1).clone()
-        if scale > 0:
-            std = self.variance.sqrt_()
-            noise = torch.randn(
+        if scale == 0:
+            samples = mean.expand(num_samples, -1).clone()
+        else:
+            # Memory: only the [S, P] result. z₁ is drawn straight into it, √var is computed in the
+            # scratch vector (overwritten by the next collect), and the low-rank term is added
+            # in column blocks, so neither a float64 copy of the [K, P] deviations nor an [S, P]
+            # temporary is made.
+            samples = torch.randn(
                 num_samples, self.num_params, generator=generator, device=self.device, dtype=mean.dtype
             )
-            noise.mul_(std)
+            std = self._scratch
+            torch.mul(mean, mean, out=std)
+            torch.sub(self._sq_mean, std, out=std).clamp_(min=0).sqrt_()
+            samples.mul_(std)
             k = self.rank
             if k >= 2 and not diagonal_only:
                 z2 = torch.randn(num_samples, k, generator=generator, device=self.device, dtype=mean.dtype)
                 # Rows of the ring buffer in any order give the same D̂ᵀD̂; no reordering needed.
-                low_rank = z2 @ self._deviations[:k].to(mean.dtype)
-                noise.add_(low_rank, alpha=1.0 / math.sqrt(k - 1))
-            samples.add_(noise, alpha=math.sqrt(scale))
+                deviations = self._deviations[:k]
+                alpha = 1.0 / math.sqrt(k - 1)
+                for start in range(0, self.num_params, _SAMPLE_BLOCK):
+                    cols = slice(start, start + _SAMPLE_BLOCK)
+                    samples[:, cols].addmm_(z2, deviations[:, cols].to(mean.dtype), alpha=alpha)
+            samples.mul_(math.sqrt(scale)).add_(mean)
         return samples.to(dtype=out_dtype, device=device or self.device)
 
     def covariance_factors(self, diagonal_only: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# The suite's models are tiny: one intra-op thread avoids oversubscription on small CI machines.
+torch.set_num_threads(1)
 
 QUIET = {
     "accelerator": "cpu",

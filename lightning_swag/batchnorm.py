@@ -1,0 +1,278 @@
+"""Recompute BatchNorm running statistics for SWA / SWAG weights, without touching the model.
+
+The running mean and variance a BatchNorm layer stores belong to the weights it was trained
+with. SWA weights (the posterior mean) and SWAG samples are *other* weights, so their activations
+have other statistics, and using the stale buffers of the last SGD iterate degrades predictions
+(Izmailov et al., 2018; Maddox et al., 2019). :func:`refresh_batchnorm` recomputes them with one
+pass over (part of) the training data, following :func:`torch.optim.swa_utils.update_bn`: the
+statistics are reset and accumulated as an equal-weight average over batches (``momentum=None``
+semantics), in train mode.
+
+Unlike ``update_bn`` it is **functional**: the forward passes run through
+:func:`torch.func.functional_call` with the given weights and with fresh buffers, so the model is
+neither copied nor modified; the recomputed buffers are returned as ``{buffer_name: tensor}``, ready
+to be passed to ``functional_call`` together with the weights for prediction::
+
+    buffers = refresh_batchnorm(model, sampled_params, train_loader, num_batches=50)
+    logits = functional_call(model, {**sampled_params, **buffers}, (x,))  # model in eval mode
+
+:func:`refresh_batchnorm_batched` does the same for a chunk of weight samples ``{name: [S, ...]}``
+(the layout :meth:`SWAGModule.iter_weight_samples` yields) in a single pass over the data,
+vectorised with :func:`torch.func.vmap` (a per-sample loop when the model cannot be traced).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["batchnorm_buffer_names", "has_batchnorm", "refresh_batchnorm", "refresh_batchnorm_batched"]
+
+BatchInputs = Callable[[Any], Any]
+
+
+def _batchnorm_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """``(prefix, module)`` of every BatchNorm layer that keeps running statistics."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and module.track_running_stats and module.running_mean is not None
+    ]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer with running statistics (which SWA/SWAG weights need refreshed)."""
+    return bool(_batchnorm_modules(model))
+
+
+def batchnorm_buffer_names(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_buffers()``) of the BatchNorm buffers :func:`refresh_batchnorm` returns."""
+    names = []
+    for prefix, module in _batchnorm_modules(model):
+        p = f"{prefix}." if prefix else ""
+        names += [p + "running_mean", p + "running_var"]
+        if module.num_batches_tracked is not None:
+            names.append(p + "num_batches_tracked")
+    return names
+
+
+def default_batch_inputs(batch: Any) -> Any:
+    """The model input of a batch: the first element of a tuple/list, or the batch itself (as ``update_bn``)."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("refresh_batchnorm: the loader yielded an empty tuple/list batch.")
+        return batch[0]
+    return batch
+
+
+def _limit(loader: Iterable, num_batches: int | float | None) -> int | None:
+    """How many batches to use: all (``None``), a count (``int >= 1``) or a fraction of ``len(loader)``."""
+    if num_batches is None:
+        return None
+    if isinstance(num_batches, bool) or not isinstance(num_batches, (int, float)):
+        raise ValueError(f"num_batches must be an int >= 1, a float in (0, 1] or None, got {num_batches!r}.")
+    if isinstance(num_batches, int):
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+        return num_batches
+    if not 0.0 < num_batches <= 1.0:
+        raise ValueError(f"A fractional num_batches must be in (0, 1], got {num_batches}.")
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ValueError("A fractional num_batches needs a loader with a length; pass an int.") from err
+    return max(1, math.ceil(num_batches * total))
+
+
+def _resolve_device(
+    model: nn.Module, parameters: Mapping[str, Tensor], device: torch.device | str | None
+) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for tensor in itertools.chain(parameters.values(), model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _fresh_buffers(
+    modules: list[tuple[str, _BatchNorm]], lead: tuple[int, ...], device: torch.device
+) -> dict[str, Tensor]:
+    """Reset statistics (as ``reset_running_stats``), with an optional leading sample dimension."""
+    fresh: dict[str, Tensor] = {}
+    for prefix, module in modules:
+        p = f"{prefix}." if prefix else ""
+        mean, var = module.running_mean, module.running_var
+        assert mean is not None and var is not None
+        fresh[p + "running_mean"] = torch.zeros(*lead, *mean.shape, dtype=mean.dtype, device=device)
+        fresh[p + "running_var"] = torch.ones(*lead, *var.shape, dtype=var.dtype, device=device)
+        if module.num_batches_tracked is not None:
+            fresh[p + "num_batches_tracked"] = torch.zeros(lead, dtype=torch.long, device=device)
+    return fresh
+
+
+def _run_passes(
+    model: nn.Module,
+    loader: Iterable,
+    num_batches: int | float | None,
+    device: torch.device,
+    batch_inputs: BatchInputs | None,
+    forward: Callable[[Any], None],
+) -> None:
+    """One pass over the loader in train mode with cumulative-average momentum; the model's modes and
+    momenta are restored afterwards, whatever happens."""
+    modules = _batchnorm_modules(model)
+    limit = _limit(loader, num_batches)
+    extract = batch_inputs or default_batch_inputs
+    modes = [(module, module.training) for module in model.modules()]
+    momenta = [(module, module.momentum) for _, module in modules]
+    seen = 0
+    try:
+        model.train()
+        batches = itertools.islice(loader, limit) if limit is not None else loader
+        with torch.no_grad():
+            for seen, batch in enumerate(batches, start=1):  # noqa: B007 - `seen` is used after the loop
+                inputs = extract(batch)
+                if isinstance(inputs, Tensor):
+                    inputs = inputs.to(device)
+                # momentum = 1/n at the n-th batch is the equal-weight running average that
+                # ``momentum=None`` gives, without reading num_batches_tracked (which vmap cannot).
+                for module, _ in momenta:
+                    module.momentum = 1.0 / seen
+                forward(inputs)
+    finally:
+        for module, momentum in momenta:
+            module.momentum = momentum
+        for module, training in modes:
+            module.training = training
+    if seen == 0:
+        raise ValueError("refresh_batchnorm: the loader yielded no batch, so no statistics were computed.")
+
+
+@torch.no_grad()
+def refresh_batchnorm(
+    model: nn.Module,
+    parameters: Mapping[str, Tensor] | None,
+    loader: Iterable,
+    num_batches: int | float | None = None,
+    device: torch.device | str | None = None,
+    *,
+    batch_inputs: BatchInputs | None = None,
+) -> dict[str, Tensor]:
+    """BatchNorm running statistics recomputed for the weights ``parameters``, without changing ``model``.
+
+    Same semantics as :func:`torch.optim.swa_utils.update_bn`: the statistics are reset, then
+    averaged with equal weight over the batches of ``loader`` (``momentum=None``), with the model in
+    train mode. The forward passes use ``torch.func.functional_call``, so ``model``'s parameters,
+    buffers, BatchNorm momenta and train/eval modes are left exactly as they were.
+
+    Args:
+        model: the network (not copied, not modified).
+        parameters: ``{name: tensor}`` weights to use (e.g. a SWAG sample from
+            ``posterior.unflatten(flat)``); names not given are taken from ``model``. ``None`` uses
+            the model's own weights.
+        loader: an iterable of batches (usually the training ``DataLoader``).
+        num_batches: use only the first ``num_batches`` batches (``int``) or this fraction of
+            ``len(loader)`` (``float`` in (0, 1]); ``None`` is one full pass.
+        device: where inputs and the returned buffers go (default: the device of ``parameters``,
+            else of the model).
+        batch_inputs: extracts the model input from a batch (default: first element of a
+            tuple/list, or the batch itself).
+
+    Returns:
+        ``{buffer_name: tensor}`` for every BatchNorm ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` (empty when the model has no BatchNorm with running stats; the
+        loader is then not iterated). Pass it to ``functional_call`` along with the weights.
+    """
+    parameters = dict(parameters) if parameters is not None else {}
+    modules = _batchnorm_modules(model)
+    if not modules:
+        return {}
+    device = _resolve_device(model, parameters, device)
+    fresh = _fresh_buffers(modules, (), device)
+    # Other buffers are cloned so that no in-place update in forward can reach the model's own.
+    others = {n: b.clone() for n, b in model.named_buffers() if n not in fresh}
+    state = {**others, **parameters, **fresh}
+
+    def forward(inputs: Any) -> None:
+        functional_call(model, state, (inputs,))
+
+    _run_passes(model, loader, num_batches, device, batch_inputs, forward)
+    return fresh
+
+
+@torch.no_grad()
+def refresh_batchnorm_batched(
+    model: nn.Module,
+    parameters: Mapping[str, Tensor],
+    loader: Iterable,
+    num_batches: int | float | None = None,
+    device: torch.device | str | None = None,
+    *,
+    batch_inputs: BatchInputs | None = None,
+    vectorize: bool = True,
+) -> dict[str, Tensor]:
+    """:func:`refresh_batchnorm` for a chunk of ``S`` weight samples ``{name: [S, *shape]}``, in one
+    pass over the data.
+
+    Each batch goes through all ``S`` models at once with ``torch.func.vmap`` (or, when the model
+    cannot be traced or ``vectorize=False``, one ``functional_call`` per sample). The result for
+    sample ``i`` equals ``refresh_batchnorm(model, {k: v[i] ...}, loader, ...)``.
+
+    Returns:
+        ``{buffer_name: [S, *shape]}``; slice ``i`` goes with sample ``i``.
+    """
+    parameters = dict(parameters)
+    if not parameters:
+        raise ValueError("refresh_batchnorm_batched needs at least one [S, ...] parameter tensor.")
+    sizes = {v.shape[0] if v.dim() else None for v in parameters.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"All parameter tensors must share a leading sample dimension; got sizes {sizes}.")
+    num = sizes.pop()
+    assert num is not None
+    modules = _batchnorm_modules(model)
+    if not modules:
+        return {}
+    device = _resolve_device(model, parameters, device)
+    fresh = _fresh_buffers(modules, (num,), device)
+    others = {n: b.clone() for n, b in model.named_buffers() if n not in fresh}
+    use_vmap, vmap_verified = vectorize, False
+
+    def one(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Any) -> Tensor:
+        return functional_call(model, {**others, **params, **buffers}, (inputs,))
+
+    def loop(inputs: Any) -> None:
+        for i in range(num):
+            one({k: v[i] for k, v in parameters.items()}, {k: v[i] for k, v in fresh.items()}, inputs)
+
+    def forward(inputs: Any) -> None:
+        nonlocal use_vmap, vmap_verified
+        if use_vmap and vmap_verified:
+            vmap(one, in_dims=(0, 0, None))(parameters, fresh, inputs)
+            return
+        if use_vmap:
+            before = {k: v.clone() for k, v in fresh.items()}
+            try:
+                vmap(one, in_dims=(0, 0, None))(parameters, fresh, inputs)
+                vmap_verified = True
+                return
+            except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the loop
+                warnings.warn(
+                    f"refresh_batchnorm_batched: torch.func.vmap could not run {type(model).__name__} "
+                    f"({err}); falling back to one forward pass per sample.",
+                    stacklevel=4,
+                )
+                use_vmap = False
+                for k, v in fresh.items():  # undo a partial update before redoing this batch
+                    v.copy_(before[k])
+        loop(inputs)
+
+    _run_passes(model, loader, num_batches, device, batch_inputs, forward)
+    return fresh

@@ -1,0 +1,177 @@
+"""Distributed training: DDP (2 CPU processes, gloo) gives every rank the same posterior, equal to
+the single-process posterior of the same snapshots; BMA prediction runs under DDP; sharded
+strategies are refused with a clear error.
+
+The DDP run is ``ddp_train_script.py`` launched as a subprocess with ``strategy="ddp"`` (Lightning
+re-runs the script for rank 1), which is how DDP is used in practice and keeps the posterior in
+the training process after ``fit`` (unlike ``ddp_spawn``, which sends only rank 0's weights back).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import ddp_train_script as script
+import lightning as L
+import pytest
+import torch
+from conftest import QUIET, TinyRegressor
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
+
+SCRIPT = Path(__file__).with_name("ddp_train_script.py")
+_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """Run the 2-process DDP script once; its per-rank files are shared by the tests below."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out
+
+
+def _load(path: Path):
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_posteriors_equal_to_single_process(ddp_run: Path) -> None:
+    fits = [_load(ddp_run / f"fit_rank{r}.pt") for r in (0, 1)]
+    posts = [SWAGPosterior.load(ddp_run / f"posterior_rank{r}.pt") for r in (0, 1)]
+    assert fits[0]["world_size"] == 2
+
+    # the ranks really trained on different halves of the data in every epoch (DistributedSampler)...
+    assert fits[0]["seen"].keys() == fits[1]["seen"].keys() == set(range(script.MAX_EPOCHS))
+    for epoch in range(script.MAX_EPOCHS):
+        seen = [set(f["seen"][epoch]) for f in fits]
+        assert len(seen[0]) == len(seen[1]) == 64
+        assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(128))
+    # ...yet recorded identical weights at every collected epoch (DDP averages the gradients)
+    expected_snapshots = script.MAX_EPOCHS - script.START_EPOCH
+    assert len(fits[0]["snapshots"]) == len(fits[1]["snapshots"]) == expected_snapshots
+    for a, b in zip(fits[0]["snapshots"], fits[1]["snapshots"], strict=True):
+        assert torch.equal(a, b)
+
+    # both ranks hold the same posterior, bit for bit
+    for post in posts:
+        assert post.num_snapshots == expected_snapshots and post.rank == script.MAX_RANK
+    assert torch.equal(posts[0].mean, posts[1].mean)
+    assert torch.equal(posts[0].second_moment, posts[1].second_moment)
+    assert torch.equal(posts[0].variance, posts[1].variance)
+    assert torch.equal(posts[0].deviations, posts[1].deviations)
+
+    # and it is the posterior a single process builds from the snapshots each rank recorded itself
+    for fit, post in zip(fits, posts, strict=True):
+        single = SWAGPosterior(post.param_shapes, script.MAX_RANK)
+        for theta in fit["snapshots"]:
+            single.collect_flat(theta)
+        assert single.num_snapshots == post.num_snapshots
+        torch.testing.assert_close(post.mean, single.mean, rtol=0, atol=0)
+        torch.testing.assert_close(post.variance, single.variance, rtol=0, atol=0)
+        torch.testing.assert_close(post.deviations, single.deviations, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_ddp_predict_returns_the_local_shard_and_the_writer_gathers_all(ddp_run: Path) -> None:
+    written = [_load(ddp_run / f"written_rank{r}.pt") for r in (0, 1)]
+    returned = [_load(ddp_run / f"returned_rank{r}.pt")["returned"] for r in (0, 1)]
+
+    # trainer.predict under DDP returns, on each rank, only that rank's batches
+    indices = []
+    for rank in (0, 1):
+        (rank_indices,) = written[rank]["batch_indices"]  # one predict dataloader
+        flat = [i for batch in rank_indices for i in batch]
+        assert flat == list(range(rank, 40, 2))  # UnrepeatedDistributedSampler: every 2nd input
+        indices.append(flat)
+        assert len(returned[rank]) == len(written[rank]["predictions"]) == 3
+        for got, want in zip(returned[rank], written[rank]["predictions"], strict=True):
+            assert got.keys() == want.keys() == {"mean", "std", "entropy", "mutual_information"}
+            for key in got:
+                assert torch.equal(got[key], want[key])
+
+    # gathered by index, the shards equal a single-process BMA with the same posterior and seed
+    gathered = {}
+    for rank in (0, 1):
+        rows = torch.cat([p["mean"] for p in written[rank]["predictions"]])
+        gathered.update(zip(indices[rank], rows, strict=True))
+    ddp_mean = torch.stack([gathered[i] for i in range(40)])
+
+    model = script.TinyClassifier()
+    model.load_state_dict(_load(ddp_run / "fit_rank0.pt")["state_dict"])
+    posterior = SWAGPosterior.load(ddp_run / "posterior_rank0.pt")
+    bma = SWAGModule(
+        model, posterior, num_samples=script.NUM_SAMPLES, task="classification", seed=script.SEED
+    )
+    single = L.Trainer(**QUIET).predict(bma, script.predict_loader())
+    single_mean = torch.cat([p["mean"] for p in single])
+    torch.testing.assert_close(ddp_mean, single_mean, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- sharded strategies
+
+
+class MyFSDP(FSDPStrategy):
+    """A user subclass: must be refused too (the check walks the MRO, not just the class name)."""
+
+
+DeepSpeedLookalike = type("DeepSpeedStrategy", (), {})  # DeepSpeed itself is not installed
+
+
+@pytest.mark.parametrize(
+    "strategy, shown",
+    [
+        (FSDPStrategy(), "FSDPStrategy"),
+        (MyFSDP(), "MyFSDP (a FSDPStrategy)"),
+        (ModelParallelStrategy(), "ModelParallelStrategy"),
+        (DeepSpeedLookalike(), "DeepSpeedStrategy"),
+    ],
+    ids=["fsdp", "fsdp-subclass", "model-parallel", "deepspeed"],
+)
+def test_sharded_strategies_are_refused_with_a_clear_error(strategy, shown) -> None:
+    # Lightning refuses FSDP on CPU before any callback runs, so the trainer is a stand-in that
+    # carries the strategy object; SWAGCallback.setup only looks at trainer.strategy.
+    trainer = SimpleNamespace(strategy=strategy)
+    swag = SWAGCallback()
+    with pytest.raises(RuntimeError, match="sharded strategy") as err:
+        swag.setup(trainer, TinyRegressor(), "fit")  # type: ignore[arg-type]
+    message = str(err.value)
+    assert shown in message and "strategy='ddp'" in message and "shard" in message
+
+
+def test_sharded_check_only_concerns_fit_and_lets_ddp_through() -> None:
+    swag = SWAGCallback()
+    swag.setup(SimpleNamespace(strategy=FSDPStrategy()), TinyRegressor(), "predict")  # type: ignore[arg-type]
+    swag.setup(SimpleNamespace(strategy=DDPStrategy()), TinyRegressor(), "fit")  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # strategy="ddp" (subprocess launcher): no warning either
+        swag.setup(
+            L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False), TinyRegressor(), "fit"
+        )
+
+
+def test_spawn_based_strategies_warn_that_the_posterior_stays_in_the_workers() -> None:
+    # building the Trainer launches nothing; SWAGCallback.setup would run in the spawned workers
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    assert isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+    with pytest.warns(UserWarning, match="posterior` will not be available in the launching process"):
+        SWAGCallback().setup(trainer, TinyRegressor(), "fit")
+    # and the main process's error says where the posterior went
+    with pytest.raises(RuntimeError, match="ddp_spawn"):
+        _ = SWAGCallback().posterior
