@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from lightning_swag.batchnorm import has_batchnorm, refresh_batchnorm_batched
 from lightning_swag.metrics import UncertaintyMetrics
 from lightning_swag.posterior import SWAGPosterior
 
@@ -26,8 +27,10 @@ __all__ = ["SWAGModule", "summarize_classification", "summarize_regression"]
 Task = Literal["regression", "classification"]
 Covariance = Literal["low_rank", "diagonal"]
 
-# Upper bound on the bytes of one chunk of sampled weights (float32), used to pick a chunk size.
+# Upper bound on the bytes of one chunk of sampled weights, used to pick a chunk size; a sampled
+# weight costs about 12 bytes (the float64 draw and its float32 copy).
 _CHUNK_BYTES = 256 * 2**20
+_BYTES_PER_SAMPLED_WEIGHT = 12
 # Weight samples of a run are kept between batches when all of them fit in this many bytes;
 # larger sets are redrawn from the same seed for every batch.
 _CACHE_BYTES = 512 * 2**20
@@ -94,6 +97,14 @@ class SWAGModule(L.LightningModule):
         chunk_size: samples evaluated together in one vectorised call (default: as many as fit in
             about 256 MiB of weights).
         vectorize: use ``torch.func.vmap``; set False to force the per-sample loop.
+        bn_loader: training data (a loader of ``(x, ...)`` batches or of tensors, or a
+            LightningDataModule whose ``train_dataloader`` is used) to recompute BatchNorm running
+            statistics for every weight sample before predicting (``torch.optim.swa_utils.update_bn``
+            semantics). Sampled weights were never run forward during training, so without this
+            the model's own, stale statistics are used (a warning says so). The model's own
+            buffers are never modified.
+        bn_num_batches: use only this many batches (an int) or this fraction (a float in (0, 1])
+            of ``bn_loader`` for the refresh.
     """
 
     def __init__(
@@ -108,6 +119,8 @@ class SWAGModule(L.LightningModule):
         seed: int | None = None,
         chunk_size: int | None = None,
         vectorize: bool = True,
+        bn_loader: Iterable[Any] | L.LightningDataModule | None = None,
+        bn_num_batches: int | float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -131,6 +144,17 @@ class SWAGModule(L.LightningModule):
         self.seed = seed
         self.chunk_size = chunk_size
         self.vectorize = vectorize
+        self.bn_loader = bn_loader
+        self.bn_num_batches = bn_num_batches
+        self._has_batchnorm = has_batchnorm(model)
+        if self._has_batchnorm and bn_loader is None:
+            warnings.warn(
+                f"SWAGModule: {type(model).__name__} has BatchNorm layers but no bn_loader was given, so every "
+                "weight sample is run with the running statistics of the trained model, which do not match "
+                "the sampled weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
+                stacklevel=2,
+            )
+        self._bn_cache: dict[int, dict[str, Tensor]] = {}
         self._posteriors: list[SWAGPosterior] = []
         if posterior is not None:
             self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else list(posterior)
@@ -193,15 +217,26 @@ class SWAGModule(L.LightningModule):
         return batch_inputs(batch)
 
     def on_predict_start(self) -> None:
-        self.reset_samples()
+        self._start_run()
 
     def on_test_start(self) -> None:
+        self._start_run()
+
+    def _start_run(self) -> None:
         self.reset_samples()
+        if self.seed is None and self.trainer.world_size > 1:
+            # Every rank must draw the same weight samples: rank 0 picks the run seed.
+            self._run_seed = int(self.trainer.strategy.broadcast(self._fresh_seed(), src=0))
 
     def reset_samples(self) -> None:
         """Draw a new set of weight samples at the next batch (a fixed one when ``seed`` is set)."""
         self._run_seed = None
         self._sample_cache = None
+        self._bn_cache = {}
+
+    @staticmethod
+    def _fresh_seed() -> int:
+        return int(torch.randint(0, 2**62, (1,)).item())
 
     @torch.no_grad()
     def sample_outputs(self, x: Tensor) -> Tensor:
@@ -213,8 +248,11 @@ class SWAGModule(L.LightningModule):
             total_bytes = 4 * sum(self.num_samples * post.num_params for post in self._posteriors)
             if total_bytes <= _CACHE_BYTES:
                 chunks = self._sample_cache = list(chunks)
-        outputs = [self._forward_chunk(params, x) for params in chunks]
-        return torch.cat(outputs, dim=0)
+        outputs = [
+            self._forward_chunk(params, x, self._batchnorm_buffers(i, params))
+            for i, params in enumerate(chunks)
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def iter_weight_samples(self) -> Iterator[dict[str, Tensor]]:
         """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device.
@@ -227,7 +265,9 @@ class SWAGModule(L.LightningModule):
         for index, post in enumerate(self._posteriors):
             generator = torch.Generator(device=post.device)
             generator.manual_seed(self._run_seed + 7919 * index)
-            chunk = self.chunk_size or max(1, min(self.num_samples, _CHUNK_BYTES // (4 * post.num_params)))
+            chunk = self.chunk_size or max(
+                1, min(self.num_samples, _CHUNK_BYTES // (_BYTES_PER_SAMPLED_WEIGHT * post.num_params))
+            )
             remaining = self.num_samples
             while remaining > 0:
                 n = min(chunk, remaining)
@@ -240,16 +280,40 @@ class SWAGModule(L.LightningModule):
                 yield post.unflatten(flat.to(dtype=param.dtype, device=param.device))
                 remaining -= n
 
-    def _forward_chunk(self, sampled: dict[str, Tensor], x: Tensor) -> Tensor:
+    def _batchnorm_buffers(self, chunk_index: int, sampled: dict[str, Tensor]) -> dict[str, Tensor]:
+        """BatchNorm statistics recomputed for one chunk of samples (cached for the run)."""
+        if not self._has_batchnorm or self.bn_loader is None:
+            return {}
+        if chunk_index not in self._bn_cache:
+            self._bn_cache[chunk_index] = refresh_batchnorm_batched(
+                self.model,
+                sampled,
+                self._resolve_bn_loader(),
+                self.bn_num_batches,
+                batch_inputs=self.batch_inputs,
+                vectorize=self.vectorize,
+            )
+        return self._bn_cache[chunk_index]
+
+    def _resolve_bn_loader(self) -> Iterable[Any]:
+        loader = self.bn_loader
+        if isinstance(loader, L.LightningDataModule):
+            loader.prepare_data()
+            loader.setup("fit")
+            loader = loader.train_dataloader()
+        assert loader is not None
+        return loader
+
+    def _forward_chunk(self, sampled: dict[str, Tensor], x: Tensor, buffers: dict[str, Tensor]) -> Tensor:
         base = {name: p.detach() for name, p in self.model.named_parameters()}
         base.update(dict(self.model.named_buffers()))
 
-        def run_one(weights: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(self.model, {**base, **weights}, (inputs,))
+        def run_one(weights: dict[str, Tensor], bufs: dict[str, Tensor], inputs: Tensor) -> Tensor:
+            return functional_call(self.model, {**base, **weights, **bufs}, (inputs,))
 
         if self.vectorize:
             try:
-                return vmap(run_one, in_dims=(0, None))(sampled, x)
+                return vmap(run_one, in_dims=(0, 0, None))(sampled, buffers, x)
             except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the loop
                 warnings.warn(
                     f"SWAGModule: torch.func.vmap could not run {type(self.model).__name__} ({err}); "
@@ -258,7 +322,12 @@ class SWAGModule(L.LightningModule):
                 )
                 self.vectorize = False
         n = next(iter(sampled.values())).shape[0]
-        return torch.stack([run_one({k: v[i] for k, v in sampled.items()}, x) for i in range(n)])
+        return torch.stack(
+            [
+                run_one({k: v[i] for k, v in sampled.items()}, {k: v[i] for k, v in buffers.items()}, x)
+                for i in range(n)
+            ]
+        )
 
     # ------------------------------------------------------------------ test metrics
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:

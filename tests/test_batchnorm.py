@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_swag import SWAGCallback
+from lightning_swag import SWAGCallback, SWAGModule
 from lightning_swag.batchnorm import (
     batchnorm_buffer_names,
     has_batchnorm,
@@ -307,11 +307,29 @@ def test_refreshed_statistics_beat_the_stale_ones_for_swa_and_swag() -> None:
         bma(lambda i: {k: v[i] for k, v in fresh.items()}), y_test
     )
 
+    # The same through SWAGModule: given the training data it refreshes BN for every sample. A fixed
+    # list of batches makes the statistics comparable bit for bit (batch composition matters).
+    fixed_batches = list(train_loader)
+    refreshed_module = SWAGModule(
+        model, post, num_samples=num_samples, seed=0, task="classification", bn_loader=fixed_batches
+    )
+    with pytest.warns(UserWarning, match="BatchNorm layers but no bn_loader"):
+        stale_module = SWAGModule(model, post, num_samples=num_samples, seed=0, task="classification")
+    probs_refreshed = refreshed_module(x_test)["mean"]
+    probs_stale = stale_module(x_test)["mean"]
+    fresh_fixed = refresh_batchnorm_batched(model, samples, fixed_batches)
+    explicit = bma(lambda i: {k: v[i] for k, v in fresh_fixed.items()}).exp()
+    torch.testing.assert_close(probs_refreshed, explicit, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probs_stale, bma(lambda i: stale).exp(), rtol=1e-4, atol=1e-5)
+    results["SWAGModule(bn_loader=...)"] = _nll_acc(probs_refreshed.clamp_min(1e-12).log(), y_test)
+    results["SWAGModule, no bn_loader"] = _nll_acc(probs_stale.clamp_min(1e-12).log(), y_test)
+
     table = "\n".join(f"{name:28s} NLL {nll:.4f}  acc {acc:.4f}" for name, (nll, acc) in results.items())
     print("\n" + table)
     # the model's own (stale) statistics survive all of this bit for bit
     for name, value in model.named_buffers():
         assert torch.equal(value, stale[name]), name
+    assert results["SWAGModule(bn_loader=...)"][0] < 0.8 * results["SWAGModule, no bn_loader"][0], table
     for kind in ("SWA", "SWAG BMA (8)"):
         (nll_stale, acc_stale), (nll_fresh, acc_fresh) = (
             results[f"{kind}, stale BN"],
