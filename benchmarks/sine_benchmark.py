@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import notebook_reference as nb  # noqa: E402
 import sine  # noqa: E402
+from mnist_epoch import cpu_name  # noqa: E402
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior  # noqa: E402
 from lightning_swag.data import SineDataModule, sine_function  # noqa: E402
@@ -37,7 +39,7 @@ from lightning_swag.models import SineRegressor  # noqa: E402
 
 def machine() -> str:
     return (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{cpu_name()} ({os.cpu_count()} CPUs), {torch.get_num_threads()} torch threads, "
         f"Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}"
     )
 
