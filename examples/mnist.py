@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=None, help="training images used (default all)")
     parser.add_argument("--test-subset", type=int, default=None)
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument(
+        "--pin-to-device", action="store_true", help="keep the decoded data on the training device (GPU)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="small subset and few epochs (CPU, ~1 min)")
     args = parser.parse_args(argv)
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         subset=args.subset,
         test_subset=args.test_subset,
         seed=args.seed,
+        pin_to_device=args.pin_to_device,
     )
     dm.prepare_data()
     dm.setup()
