@@ -9,8 +9,6 @@ Phases, each in a fresh subprocess (``--phase``) so that no phase inherits anoth
 * ``sample``: the collected posterior (saved by ``collect``, loaded, scratch vector touched as
   after a collection), then ``posterior.sample(chunk)`` until ``--samples`` weight vectors are
   drawn (each chunk is consumed, then dropped).
-* ``sample-lean``: the same draws with :func:`sample_lean`, the memory-frugal ``sample`` proposed
-  for ``posterior.py`` (same random stream, same result up to float64 round-off).
 * ``bma``: the same posterior in ``SWAGModule(model, posterior, num_samples=--samples,
   chunk_size=chunk)`` on one batch of 8 CIFAR-sized images (sampling + vectorised forward).
 
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -46,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_swag import SWAGModule, SWAGPosterior
 
@@ -114,47 +111,6 @@ class PeakRSS:
         self.method = "VmHWM (reset at phase start)" if self._exact else "psutil polling (1 ms)"
 
 
-# ---------------------------------------------------------------------- the proposed sampler
-def sample_lean(
-    post: SWAGPosterior,
-    num_samples: int,
-    scale: float = 0.5,
-    generator: torch.Generator | None = None,
-    *,
-    diagonal_only: bool = False,
-    block: int = 2**18,
-) -> Tensor:
-    """``post.sample`` without its large temporaries (proposed replacement; same random stream).
-
-    * the noise ``z₁`` is drawn straight into the output (no ``mean.expand().clone()`` plus a
-      separate ``noise`` tensor);
-    * ``√var`` is computed in the posterior's scratch vector (no ``variance`` allocations);
-    * the low-rank term is added block by block with ``addmm_`` on ``block`` columns: neither the
-      ``[K, P]`` float64 copy of the deviations nor a ``[S, P]`` ``low_rank`` tensor is created.
-
-    Extra memory: the ``[S, P]`` result plus ``K·block`` and ``S·block`` elements.
-    """
-    mean = post._mean
-    if scale == 0:
-        return mean.expand(num_samples, -1).clone()
-    samples = torch.randn(
-        num_samples, post.num_params, generator=generator, device=post.device, dtype=mean.dtype
-    )
-    std = post._scratch  # overwritten by the next collect anyway
-    torch.mul(mean, mean, out=std)
-    torch.sub(post._sq_mean, std, out=std).clamp_(min=0).sqrt_()
-    samples.mul_(std)
-    k = post.rank
-    if k >= 2 and not diagonal_only:
-        z2 = torch.randn(num_samples, k, generator=generator, device=post.device, dtype=mean.dtype)
-        deviations = post._deviations[:k]
-        alpha = 1.0 / math.sqrt(k - 1)
-        for start in range(0, post.num_params, block):
-            columns = slice(start, start + block)
-            samples[:, columns].addmm_(z2, deviations[:, columns].to(mean.dtype), alpha=alpha)
-    return samples.mul_(math.sqrt(scale)).add_(mean)
-
-
 # ---------------------------------------------------------------------- workload
 def build_model(name: str) -> nn.Module:
     """ResNet-18 for 10 classes (11,181,642 weights) or an MLP of about the same size."""
@@ -165,7 +121,12 @@ def build_model(name: str) -> nn.Module:
         return torchvision.models.resnet18(num_classes=10)
     if name == "mlp":
         return nn.Sequential(
-            nn.Linear(3072, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+            nn.Flatten(),
+            nn.Linear(3072, 2048),
+            nn.ReLU(),
+            nn.Linear(2048, 2048),
+            nn.ReLU(),
+            nn.Linear(2048, 10),
         )
     raise ValueError(f"unknown model {name!r}")
 
@@ -207,7 +168,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
                 out = module(x)
             assert out["mean"].shape == (8, 10)
         else:
-            draw = post.sample if args.phase == "sample" else lambda n, **kw: sample_lean(post, n, **kw)
+            draw = post.sample
             checksum = 0.0
             with PeakRSS() as m:
                 remaining = args.samples
@@ -231,15 +192,6 @@ def predicted(phase: str, num_params: int, rank: int, chunk: int | None) -> int:
     return posterior + samples
 
 
-def check_lean_matches(rank: int) -> float:
-    """Max |sample_lean − sample| on a small posterior with the same generator seed."""
-    model = nn.Sequential(nn.Linear(50, 40), nn.Tanh(), nn.Linear(40, 3))
-    post = collect(model, rank, rank + 5)
-    a = post.sample(7, generator=torch.Generator().manual_seed(3))
-    b = sample_lean(post, 7, generator=torch.Generator().manual_seed(3), block=100)
-    return float((a - b).abs().max())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["resnet18", "mlp"], default="resnet18")
@@ -247,9 +199,7 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=25)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4])
-    parser.add_argument(
-        "--phases", nargs="+", default=["baseline", "collect", "sample", "sample-lean", "bma"]
-    )
+    parser.add_argument("--phases", nargs="+", default=["baseline", "collect", "sample", "bma"])
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
@@ -267,7 +217,7 @@ def main() -> None:
     phases.insert(1 if "baseline" in phases else 0, "collect")  # the others load its posterior
     jobs = []
     for phase in phases:
-        for chunk in args.chunks if phase in ("sample", "sample-lean", "bma") else [None]:
+        for chunk in args.chunks if phase in ("sample", "bma") else [None]:
             jobs.append((phase, chunk))
     results = []
     for phase, chunk in jobs:
@@ -311,18 +261,6 @@ def main() -> None:
     print(
         f"\nformula terms: moments 2·P·8 = {2 * p8:,.0f} MiB, deviations K·P·4 = {args.rank * p8 / 2:,.0f} MiB, "
         f"scratch P·8 = {p8:,.0f} MiB, one float64 sample P·8 = {p8:,.0f} MiB"
-    )
-    sample_rows = {(r["phase"], r["chunk"]): r for r in results}
-    for chunk in args.chunks:
-        cur, lean = sample_rows.get(("sample", chunk)), sample_rows.get(("sample-lean", chunk))
-        if cur and lean:
-            print(
-                f"sampling chunk {chunk}: current sample() peak {(cur['peak'] - cur['before']) / MiB:,.0f} MiB above "
-                f"the collected state, sample_lean {(lean['peak'] - lean['before']) / MiB:,.0f} MiB "
-                f"(formula chunk·P·8 = {chunk * p8:,.0f} MiB); checksums {cur['checksum']:.6g} vs {lean['checksum']:.6g}"
-            )
-    print(
-        f"sample_lean vs sample, same seed, small model: max |difference| = {check_lean_matches(args.rank):.2e}"
     )
     tmp.cleanup()
     if args.json is not None:
