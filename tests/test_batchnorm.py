@@ -26,15 +26,6 @@ from lightning_swag.batchnorm import (
 NUM_CLASSES, SIZE = 4, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CNNs run far faster (and steadier on a busy 2-core machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n: int, seed: int, patterns: Tensor) -> tuple[Tensor, Tensor]:
     """Noisy images: a class-dependent pattern with a random amplitude plus unit Gaussian noise."""
     g = torch.Generator().manual_seed(seed)

@@ -42,14 +42,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def killed_runs(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     """Start every killed run at once (they are independent), then wait for all of them."""

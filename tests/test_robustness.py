@@ -13,14 +13,6 @@ from torch import nn
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fit(callbacks, make=TinyRegressor, loader=None, val_loader=None, **trainer_kwargs):
     """Seed, build ``make()`` and fit it on the tiny regression data."""
     torch.manual_seed(0)
