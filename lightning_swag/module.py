@@ -240,8 +240,21 @@ class SWAGModule(L.LightningModule):
 
     @torch.no_grad()
     def sample_outputs(self, x: Tensor) -> Tensor:
-        """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]``."""
+        """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]``.
+
+        The model runs in eval mode (dropout off, BatchNorm on running statistics); the train/eval
+        mode of each of its modules is restored afterwards.
+        """
         self._require_posteriors()
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            return self._sample_outputs(x)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    def _sample_outputs(self, x: Tensor) -> Tensor:
         chunks = self._sample_cache
         if chunks is None:
             chunks = self.iter_weight_samples()
@@ -260,7 +273,7 @@ class SWAGModule(L.LightningModule):
         The same seed is reused for every batch of a run, so every batch sees the same models.
         """
         if self._run_seed is None:
-            self._run_seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            self._run_seed = self.seed if self.seed is not None else self._fresh_seed()
         param = next(iter(self.model.parameters()))
         for index, post in enumerate(self._posteriors):
             generator = torch.Generator(device=post.device)

@@ -214,3 +214,17 @@ def test_trainer_test_regression_rmse() -> None:
     out = SWAGModule(net, post, num_samples=9, seed=1)(x)
     assert logged["test_rmse"] == pytest.approx((out["mean"] - y).square().mean().sqrt().item(), rel=1e-5)
     assert logged["test_mean_std"] == pytest.approx(out["std"].mean().item(), rel=1e-5)
+
+
+def test_bma_runs_the_model_in_eval_mode_and_restores_its_modes() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    post = _posterior_for(net)
+    net.train()
+    net[1].eval()  # a mixed state must come back as it was
+    x = torch.randn(5, 3)
+    first = SWAGModule(net, post, num_samples=4, seed=0, return_samples=True)(x)
+    second = SWAGModule(net, post, num_samples=4, seed=0, return_samples=True)(x)
+    torch.testing.assert_close(first["samples"], second["samples"], rtol=0, atol=0)  # no dropout noise
+    torch.testing.assert_close(first["samples"], _explicit_outputs(net, post, x, 4, 0.5, 0))
+    assert [m.training for m in net.modules()] == [True, True, False, True]
