@@ -273,6 +273,8 @@ class MNISTDataModule(L.LightningDataModule):
         pin_to_device: keep the decoded tensors on the training device (GPU-resident batches).
         shuffle: shuffle the training set every epoch.
         ood_dir: root folder containing ``FashionMNIST/raw/``; defaults to ``data_dir``.
+        predict_ood: make :meth:`predict_dataloader` serve two loaders, the MNIST test set (index 0)
+            and the Fashion-MNIST OOD set (index 1), so one ``predict`` run writes both.
     """
 
     num_classes: int = 10
@@ -291,6 +293,7 @@ class MNISTDataModule(L.LightningDataModule):
         pin_to_device: bool = False,
         shuffle: bool = True,
         ood_dir: str | None = None,
+        predict_ood: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -318,6 +321,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.pin_to_device = pin_to_device
         self.shuffle = shuffle
         self.ood_dir = ood_dir
+        self.predict_ood = predict_ood
         self.train_indices: Tensor | None = None
         """Indices (into the MNIST training file) of the training images, once set up."""
         self.val_indices: Tensor | None = None
@@ -363,8 +367,10 @@ class MNISTDataModule(L.LightningDataModule):
         """MNIST test (``t10k``) batches in order."""
         return self._eval_loader(self.test_tensors())
 
-    def predict_dataloader(self) -> TensorBatchLoader:
-        """Same as :meth:`test_dataloader`."""
+    def predict_dataloader(self) -> TensorBatchLoader | list[TensorBatchLoader]:
+        """Same as :meth:`test_dataloader`; with ``predict_ood`` also the OOD set (a list of two)."""
+        if self.predict_ood:
+            return [self.test_dataloader(), self.ood_dataloader()]
         return self.test_dataloader()
 
     def ood_dataloader(self) -> TensorBatchLoader:
