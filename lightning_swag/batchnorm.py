@@ -34,7 +34,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["batchnorm_buffer_names", "has_batchnorm", "refresh_batchnorm", "refresh_batchnorm_batched"]
+__all__ = [
+    "batches_to_use",
+    "batchnorm_buffer_names",
+    "has_batchnorm",
+    "refresh_batchnorm",
+    "refresh_batchnorm_batched",
+]
 
 BatchInputs = Callable[[Any], Any]
 
@@ -73,7 +79,7 @@ def default_batch_inputs(batch: Any) -> Any:
     return batch
 
 
-def _limit(loader: Iterable, num_batches: int | float | None) -> int | None:
+def batches_to_use(loader: Iterable, num_batches: int | float | None) -> int | None:
     """How many batches to use: all (``None``), a count (``int >= 1``) or a fraction of ``len(loader)``."""
     if num_batches is None:
         return None
@@ -129,7 +135,7 @@ def _run_passes(
     """One pass over the loader in train mode with cumulative-average momentum; the model's modes and
     momenta are restored afterwards, whatever happens."""
     modules = _batchnorm_modules(model)
-    limit = _limit(loader, num_batches)
+    limit = batches_to_use(loader, num_batches)
     extract = batch_inputs or default_batch_inputs
     modes = [(module, module.training) for module in model.modules()]
     momenta = [(module, module.momentum) for _, module in modules]

@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
 
-from lightning_swag.batchnorm import has_batchnorm, refresh_batchnorm_batched
+from lightning_swag.batchnorm import batches_to_use, has_batchnorm, refresh_batchnorm_batched
 from lightning_swag.metrics import UncertaintyMetrics
 from lightning_swag.posterior import SWAGPosterior
 
@@ -260,7 +261,9 @@ class SWAGModule(L.LightningModule):
             chunks = self.iter_weight_samples()
             total_bytes = 4 * sum(self.num_samples * post.num_params for post in self._posteriors)
             if total_bytes <= _CACHE_BYTES:
-                chunks = self._sample_cache = list(chunks)
+                chunks = self._sample_cache = list(
+                    self._progress(chunks, self._num_chunks(), "SWAG: sampling weights (chunks)")
+                )
         outputs = [
             self._forward_chunk(params, x, self._batchnorm_buffers(i, params))
             for i, params in enumerate(chunks)
@@ -278,9 +281,7 @@ class SWAGModule(L.LightningModule):
         for index, post in enumerate(self._posteriors):
             generator = torch.Generator(device=post.device)
             generator.manual_seed(self._run_seed + 7919 * index)
-            chunk = self.chunk_size or max(
-                1, min(self.num_samples, _CHUNK_BYTES // (_BYTES_PER_SAMPLED_WEIGHT * post.num_params))
-            )
+            chunk = self._chunk_size(post)
             remaining = self.num_samples
             while remaining > 0:
                 n = min(chunk, remaining)
@@ -293,15 +294,45 @@ class SWAGModule(L.LightningModule):
                 yield post.unflatten(flat.to(dtype=param.dtype, device=param.device))
                 remaining -= n
 
+    def _chunk_size(self, post: SWAGPosterior) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        budget = _CHUNK_BYTES // (_BYTES_PER_SAMPLED_WEIGHT * post.num_params)
+        return max(1, min(self.num_samples, budget))
+
+    def _num_chunks(self) -> int:
+        return sum(-(-self.num_samples // self._chunk_size(post)) for post in self._posteriors)
+
+    def _progress(self, iterable: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
+        """A progress bar over ``iterable`` while a Trainer with a progress bar runs this module
+        (rank zero only), shown only when there is more than one step."""
+        trainer = self._trainer
+        show = (
+            trainer is not None
+            and trainer.progress_bar_callback is not None
+            and trainer.is_global_zero
+            and (total is None or total > 1)
+        )
+        return (
+            tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+            if show
+            else iterable
+        )
+
     def _batchnorm_buffers(self, chunk_index: int, sampled: dict[str, Tensor]) -> dict[str, Tensor]:
         """BatchNorm statistics recomputed for one chunk of samples (cached for the run)."""
         if not self._has_batchnorm or self.bn_loader is None:
             return {}
         if chunk_index not in self._bn_cache:
+            loader = self._resolve_bn_loader()
+            total = len(loader) if hasattr(loader, "__len__") else None
+            limit = batches_to_use(loader, self.bn_num_batches)
+            if limit is not None:
+                total = limit if total is None else min(total, limit)
             self._bn_cache[chunk_index] = refresh_batchnorm_batched(
                 self.model,
                 sampled,
-                self._resolve_bn_loader(),
+                self._progress(loader, total, f"SWAG: BatchNorm refresh, sample chunk {chunk_index + 1}"),
                 self.bn_num_batches,
                 batch_inputs=self.batch_inputs,
                 vectorize=self.vectorize,

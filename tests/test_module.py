@@ -228,3 +228,26 @@ def test_bma_runs_the_model_in_eval_mode_and_restores_its_modes() -> None:
     torch.testing.assert_close(first["samples"], second["samples"], rtol=0, atol=0)  # no dropout noise
     torch.testing.assert_close(first["samples"], _explicit_outputs(net, post, x, 4, 0.5, 0))
     assert [m.training for m in net.modules()] == [True, True, False, True]
+
+
+def test_long_steps_show_progress_during_predict(capsys) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    post = _posterior_for(net)
+    train = [(torch.randn(16, 3), torch.zeros(16)) for _ in range(4)]
+    bma = SWAGModule(net, post, num_samples=6, chunk_size=2, seed=0, bn_loader=train)
+    loader = DataLoader(TensorDataset(torch.randn(10, 3), torch.zeros(10)), batch_size=5)
+    trainer = L.Trainer(**{**QUIET, "enable_progress_bar": True})
+    out = trainer.predict(bma, loader)
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "SWAG: sampling weights (chunks)" in printed  # 3 chunks of 2 samples
+    assert "SWAG: BatchNorm refresh, sample chunk 3" in printed
+    assert "Predicting DataLoader 0" in printed
+    assert out[0]["mean"].shape == (5, 2)
+    # without a progress bar nothing extra is printed
+    L.Trainer(**QUIET).predict(
+        SWAGModule(net, post, num_samples=6, chunk_size=2, seed=0, bn_loader=train), loader
+    )
+    captured = capsys.readouterr()
+    assert "SWAG:" not in captured.out + captured.err
