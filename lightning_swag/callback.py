@@ -180,6 +180,10 @@ class SWAGCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            # A new fit counts its epochs/steps afresh (a checkpoint restored after this sets them);
+            # the posterior itself carries over, so a second fit keeps collecting into it.
+            self._last_epoch, self._last_step, self._swa_lr_installed = -1, 0, False
         sharded = _sharded_base(trainer.strategy)
         if stage == "fit" and sharded is not None:
             name = type(trainer.strategy).__name__

@@ -157,3 +157,13 @@ def test_device_and_dtypes_are_configurable() -> None:
     post = swag.posterior
     assert post.device == torch.device("cpu")
     assert post.moment_dtype == torch.float32 and post.deviation_dtype == torch.bfloat16
+
+
+def test_a_callback_reused_for_a_second_fit_keeps_collecting() -> None:
+    swag, recorder = SWAGCallback(max_rank=4), WeightRecorder()
+    _, model = _fit([swag, recorder], max_epochs=3)
+    first = [recorder.by_epoch[e] for e in range(3)]
+    recorder.by_epoch.clear()
+    L.Trainer(max_epochs=2, callbacks=[swag, recorder], **QUIET).fit(model, train_dataloaders=tiny_loader())
+    second = [recorder.by_epoch[e] for e in range(2)]
+    _assert_posterior_equals(swag.posterior, first + second, max_rank=4)
