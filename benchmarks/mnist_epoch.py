@@ -24,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning as L
@@ -77,38 +77,43 @@ def plain_pytorch_epoch(loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[float,
     return time.perf_counter() - start, total_loss / total_samples, total_samples
 
 
-def reference_epoch(data_dir: str, seed: int) -> dict[str, float]:
-    """(a) The notebook's pipeline: per-sample PIL -> ToTensor through a DataLoader, plain loop."""
+def _plain_loop_run(
+    make_loader: Callable[[], Iterable[tuple[Tensor, Tensor]]], seed: int
+) -> dict[str, float]:
+    """Build the loader (timed end to end) and train one epoch of the plain loop over it."""
     torch.manual_seed(seed)
     start = time.perf_counter()
-    dataset = torchvision.datasets.MNIST(
-        root=data_dir, train=True, transform=transforms.ToTensor(), download=False
-    )
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True)
-    epoch_s, train_loss, samples = plain_pytorch_epoch(loader)
+    epoch_s, train_loss, samples = plain_pytorch_epoch(make_loader())
     return {
         "epoch_s": epoch_s,
         "end_to_end_s": time.perf_counter() - start,
         "train_loss": train_loss,
         "samples": samples,
     }
+
+
+def reference_epoch(data_dir: str, seed: int) -> dict[str, float]:
+    """(a) The notebook's pipeline: per-sample PIL -> ToTensor through a DataLoader, plain loop."""
+
+    def make_loader() -> DataLoader:
+        dataset = torchvision.datasets.MNIST(
+            root=data_dir, train=True, transform=transforms.ToTensor(), download=False
+        )
+        return DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True)
+
+    return _plain_loop_run(make_loader, seed)
 
 
 def tensor_loader_epoch(data_dir: str, seed: int) -> dict[str, float]:
     """(c) ``MNISTDataModule``'s batches through the same plain loop: the data pipeline alone."""
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    datamodule = MNISTDataModule(
-        data_dir=data_dir, download=False, batch_size=BATCH_SIZE, val_size=0, seed=seed
-    )
-    loader = datamodule.train_dataloader()
-    epoch_s, train_loss, samples = plain_pytorch_epoch(loader)
-    return {
-        "epoch_s": epoch_s,
-        "end_to_end_s": time.perf_counter() - start,
-        "train_loss": train_loss,
-        "samples": samples,
-    }
+
+    def make_loader() -> Iterable[tuple[Tensor, Tensor]]:
+        datamodule = MNISTDataModule(
+            data_dir=data_dir, download=False, batch_size=BATCH_SIZE, val_size=0, seed=seed
+        )
+        return datamodule.train_dataloader()
+
+    return _plain_loop_run(make_loader, seed)
 
 
 def lightning_epoch(data_dir: str, seed: int) -> dict[str, float]:

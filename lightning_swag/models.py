@@ -43,10 +43,24 @@ class _ReferenceModule(L.LightningModule):
         inputs, targets = _first_two(batch)
         outputs = self(inputs)
         loss = self.loss(outputs, targets)
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", on_epoch=True, on_step=False)
-        if stage != "train":
+        if stage == "train":
+            # The epoch mean is accumulated here and logged once per epoch: ``self.log`` on every
+            # step costs about a quarter of an MNIST epoch on a CPU.
+            self._train_loss_sum = self._train_loss_sum + loss.detach() * len(targets)
+            self._train_count += len(targets)
+        else:
+            self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
             self.log_eval_metrics(outputs.detach(), targets, stage)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._train_loss_sum: Tensor | float = 0.0
+        self._train_count = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._train_count:
+            mean = torch.as_tensor(self._train_loss_sum, dtype=torch.float32) / self._train_count
+            self.log("train_loss", mean, sync_dist=True)
 
     def log_eval_metrics(self, outputs: Tensor, targets: Tensor, stage: str) -> None:
         """Hook for extra validation/test metrics; the default logs nothing."""
