@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -115,37 +116,33 @@ def _trainer(epochs: int, callbacks: list) -> L.Trainer:
     )
 
 
-def fit_overhead(repeats: int, epochs: int = 100) -> tuple[float, float]:
-    """Median fit time without and with SWAGCallback (every epoch, rank 20), runs interleaved."""
-    without, with_swag = [], []
+def fit_overhead(repeats: int, epochs: int = 100) -> dict[str, float]:
+    """Median fit time with no callback, with an empty ``L.Callback`` (Lightning's cost of having
+    any callback) and with SWAGCallback (every epoch, rank 20); the variants run interleaved."""
+    variants = {
+        "none": list,
+        "empty callback": lambda: [L.Callback()],
+        "SWAGCallback": lambda: [SWAGCallback(start_epoch=0, every_n_epochs=1, max_rank=20)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(repeats):
-        for collect in (False, True):
+        for name, callbacks in variants.items():
             torch.manual_seed(r)
             model, dm = SineRegressor(lr=0.01), SineDataModule()
-            callbacks = [SWAGCallback(start_epoch=0, every_n_epochs=1, max_rank=20)] if collect else []
-            trainer = _trainer(epochs, callbacks)
+            trainer = _trainer(epochs, callbacks())
             start = time.perf_counter()
             trainer.fit(model, datamodule=dm)
-            (with_swag if collect else without).append(time.perf_counter() - start)
-    return statistics.median(without), statistics.median(with_swag)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output-dir", default="outputs/sine_benchmark")
-    args = parser.parse_args()
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    print(f"machine: {machine()}\n")
-
+def quality(seeds: int, out_dir: Path) -> None:
+    """Part 1: RMSE and std ratio of the notebook's code and of ours over ``seeds`` seeds."""
     print("1. Quality (SWAG, notebook protocol; BMA 500 samples)")
     print(f"{'seed':>4} | {'notebook RMSE':>13} {'ratio':>6} | {'ours RMSE':>9} {'ratio':>6}")
     rows = []
-    for seed in range(args.seeds):
-        theirs, ours = notebook_quality(seed), ours_quality(seed, Path(args.output_dir))
+    for seed in range(seeds):
+        theirs, ours = notebook_quality(seed), ours_quality(seed, out_dir)
         rows.append((theirs, ours))
         print(
             f"{seed:>4} | {theirs['rmse']:13.3f} {theirs['ratio']:6.2f} | {ours['rmse']:9.3f} {ours['ratio']:6.2f}"
@@ -159,17 +156,34 @@ def main() -> None:
             f"mean {label:>8}: RMSE {rmse:.3f}, std |x|<=5 {std_in:.3f}, std |x|>5 {std_out:.3f}, ratio {ratio:.2f}"
         )
 
-    print("\n2. BMA, 500 samples x 500 points, same posterior (best of repeats)")
-    ours_s, nb_s = bma_speed(args.repeats)
-    print(
-        f"SWAGModule: {ours_s * 1e3:.1f} ms | notebook loop: {nb_s * 1e3:.1f} ms | speed-up {nb_s / ours_s:.1f}x"
-    )
 
-    print("\n3. fit, 100 epochs of the sine model, median of interleaved repeats")
-    base, swag = fit_overhead(args.repeats)
-    print(
-        f"without SWAGCallback: {base:.2f} s | with (every epoch): {swag:.2f} s | overhead {100 * (swag / base - 1):+.1f}%"
-    )
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output-dir", default="outputs/sine_benchmark")
+    parser.add_argument("--parts", default="1,2,3", help="parts to run, e.g. '3' for the fit overhead alone")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"machine: {machine()}\n")
+    parts = set(args.parts.split(","))
+    if "1" in parts:
+        quality(args.seeds, Path(args.output_dir))
+    if "2" in parts:
+        print("\n2. BMA, 500 samples x 500 points, same posterior (best of repeats)")
+        ours_s, nb_s = bma_speed(args.repeats)
+        print(
+            f"SWAGModule: {ours_s * 1e3:.1f} ms | notebook loop: {nb_s * 1e3:.1f} ms | speed-up {nb_s / ours_s:.1f}x"
+        )
+    if "3" in parts:
+        print("\n3. fit, 100 epochs of the sine model, median of interleaved repeats")
+        t = fit_overhead(args.repeats)
+        base = t["none"]
+        print(
+            f"no callback: {base:.2f} s | empty L.Callback: {t['empty callback']:.2f} s "
+            f"({100 * (t['empty callback'] / base - 1):+.1f}%) | SWAGCallback every epoch: "
+            f"{t['SWAGCallback']:.2f} s ({100 * (t['SWAGCallback'] / base - 1):+.1f}%)"
+        )
 
 
 if __name__ == "__main__":
