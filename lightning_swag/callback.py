@@ -150,6 +150,8 @@ class SWAGCallback(Callback):
         self._last_epoch = -1
         self._last_step = 0
         self._swa_lr_installed = False
+        self._swa_schedulers: list[SWALR] = []
+        self._saved_swa_scheduler_states: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ public API
     @property
@@ -184,6 +186,7 @@ class SWAGCallback(Callback):
             # A new fit counts its epochs/steps afresh (a checkpoint restored after this sets them);
             # the posterior itself carries over, so a second fit keeps collecting into it.
             self._last_epoch, self._last_step, self._swa_lr_installed = -1, 0, False
+            self._swa_schedulers, self._saved_swa_scheduler_states = [], []
         sharded = _sharded_base(trainer.strategy)
         if stage == "fit" and sharded is not None:
             name = type(trainer.strategy).__name__
@@ -259,6 +262,7 @@ class SWAGCallback(Callback):
             "posterior": self._posterior.state_dict() if self._posterior is not None else None,
             "last_epoch": self._last_epoch,
             "last_step": self._last_step,
+            "swa_schedulers": [scheduler.state_dict() for scheduler in self._swa_schedulers],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -271,6 +275,7 @@ class SWAGCallback(Callback):
         self._posterior = SWAGPosterior.from_state_dict(posterior_state) if posterior_state else None
         self._last_epoch = int(state_dict.get("last_epoch", -1))
         self._last_step = int(state_dict.get("last_step", 0))
+        self._saved_swa_scheduler_states = list(state_dict.get("swa_schedulers", []))
 
     # ------------------------------------------------------------------ internals
     def _epoch_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -294,16 +299,28 @@ class SWAGCallback(Callback):
             raise FloatingPointError(f"SWAGCallback{where}: {err}") from err
 
     def _install_swa_lr(self, trainer: L.Trainer) -> None:
+        """Replace the LR schedulers by SWALR; on resume, continue the saved annealing exactly."""
         assert self.swa_lr is not None
-        configs = []
-        for optimizer in trainer.optimizers:
+        saved = self._saved_swa_scheduler_states
+        resume = len(saved) == len(trainer.optimizers)
+        configs, self._swa_schedulers = [], []
+        for index, optimizer in enumerate(trainer.optimizers):
+            restored_lrs = [group["lr"] for group in optimizer.param_groups]
             scheduler = SWALR(
                 optimizer,
                 swa_lr=self.swa_lr,
                 anneal_epochs=self.annealing_epochs,
                 anneal_strategy=self.annealing_strategy,
             )
+            if resume:
+                # SWALR's constructor took a step; undo it: the checkpoint's optimizer already holds
+                # the learning rates of the interrupted run.
+                scheduler.load_state_dict(saved[index])
+                for group, lr in zip(optimizer.param_groups, restored_lrs, strict=True):
+                    group["lr"] = lr
+            self._swa_schedulers.append(scheduler)
             configs.append(LRSchedulerConfig(scheduler, interval="epoch"))
+        self._saved_swa_scheduler_states = []
         if trainer.lr_scheduler_configs:
             rank_zero_info("SWAGCallback: the LR scheduler is replaced by SWALR for the collection phase.")
         trainer.strategy.lr_scheduler_configs = configs

@@ -167,3 +167,40 @@ def test_a_callback_reused_for_a_second_fit_keeps_collecting() -> None:
     L.Trainer(max_epochs=2, callbacks=[swag, recorder], **QUIET).fit(model, train_dataloaders=tiny_loader())
     second = [recorder.by_epoch[e] for e in range(2)]
     _assert_posterior_equals(swag.posterior, first + second, max_rank=4)
+
+
+def test_swa_lr_annealing_continues_exactly_after_resume(tmp_path) -> None:
+    """SWALR's state rides in the checkpoint: a resume mid-annealing gives the same learning rates
+    and the same posterior as the uninterrupted run."""
+
+    class LRRecorder(L.Callback):
+        def __init__(self) -> None:
+            self.lrs: dict[int, float] = {}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def swag() -> SWAGCallback:
+        return SWAGCallback(start_epoch=2, swa_lr=0.2, annealing_epochs=4, max_rank=3)
+
+    def model() -> TinyRegressor:
+        torch.manual_seed(0)  # the same initial weights in every run
+        return TinyRegressor(lr=0.01)
+
+    full, full_lrs = swag(), LRRecorder()
+    _fit([full, full_lrs], max_epochs=9, model=model())
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    _fit([swag(), ckpt], max_epochs=4, model=model(), enable_checkpointing=True)
+    resumed, resumed_lrs = swag(), LRRecorder()
+    _fit(
+        [resumed, resumed_lrs],
+        max_epochs=9,
+        model=model(),
+        ckpt_path=tmp_path / "epoch=3.ckpt",
+    )
+    assert len({round(lr, 6) for lr in full_lrs.lrs.values()}) > 3  # really annealing
+    for epoch in range(4, 9):
+        assert resumed_lrs.lrs[epoch] == pytest.approx(full_lrs.lrs[epoch], rel=1e-9), epoch
+    torch.testing.assert_close(resumed.posterior.mean, full.posterior.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(resumed.posterior.deviations, full.posterior.deviations, rtol=0, atol=1e-6)
