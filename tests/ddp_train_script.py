@@ -131,6 +131,13 @@ def main(out: Path) -> None:
     returned = predictor.predict(bma, predict_loader(), return_predictions=True)
     torch.save({"returned": returned}, out / f"returned_rank{predictor.global_rank}.pt")
 
+    # Without a seed the ranks must still agree on the weight samples: SWAGModule broadcasts rank
+    # 0's run seed. The global RNGs are made to differ per rank, so agreement is not an accident.
+    torch.manual_seed(1000 + rank)  # scripts may seed; the library never does
+    unseeded = SWAGModule(model, swag.posterior, num_samples=NUM_SAMPLES, task="classification")
+    L.Trainer(**QUIET).predict(unseeded, predict_loader(), return_predictions=False)
+    torch.save({"run_seed": unseeded._run_seed}, out / f"unseeded_rank{rank}.pt")
+
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))

@@ -127,6 +127,12 @@ def test_ddp_predict_returns_the_local_shard_and_the_writer_gathers_all(ddp_run:
 # ---------------------------------------------------------------------- sharded strategies
 
 
+@pytest.mark.slow
+def test_ddp_predict_without_seed_uses_the_same_samples_on_every_rank(ddp_run: Path) -> None:
+    seeds = [torch.load(ddp_run / f"unseeded_rank{r}.pt")["run_seed"] for r in (0, 1)]
+    assert seeds[0] is not None and seeds[0] == seeds[1]
+
+
 class MyFSDP(FSDPStrategy):
     """A user subclass: must be refused too (the check walks the MRO, not just the class name)."""
 
