@@ -468,4 +468,6 @@ class MNISTDataModule(L.LightningDataModule):
         return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank}
 
     def _eval_loader(self, tensors: tuple[Tensor, Tensor]) -> TensorBatchLoader:
+        # Not sharded: under DDP every rank evaluates the whole set (exact metrics on each rank,
+        # at the cost of repeated work; a prediction writer then gets the full set from each rank).
         return TensorBatchLoader(*tensors, batch_size=self.eval_batch_size, shuffle=False)
