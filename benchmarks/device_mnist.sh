@@ -5,6 +5,8 @@
 #   mkdir -p .device_data && cp -r ../shared/data/mnist-idx-gz ../shared/data/fashion-idx-gz .device_data/
 # Then: run(command="bash benchmarks/device_mnist.sh", carry=[".device_data"], timeout_s=420)
 # Extra arguments go to examples/mnist.py (e.g. --fast to check the script on a CPU first).
+# After the timed protocol it runs the CUDA tests (tests/test_cuda.py) and the core tests with
+# the device's own torch; set SKIP_DEVICE_TESTS=1 to leave them out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-outputs/device}"
@@ -21,3 +23,7 @@ start=$(date +%s.%N)
 PYTHONPATH=. python3 examples/mnist.py --data-dir .device_data --output-dir "$out" --pin-to-device "$@" 2>&1 | tee "$out/mnist_device.log"
 end=$(date +%s.%N)
 python3 -c "print(f'end-to-end wall time (process start to finish): {$end - $start:.1f} s')" | tee -a "$out/mnist_device.log"
+if [ -z "${SKIP_DEVICE_TESTS:-}" ]; then
+  python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_posterior.py tests/test_module.py \
+    tests/test_callback.py 2>&1 | tee "$out/device_tests.log"
+fi
