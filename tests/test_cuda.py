@@ -39,7 +39,7 @@ def test_callback_collects_gpu_weights(device: str | None) -> None:
     swag = SWAGCallback(start_epoch=1, max_rank=3, device=device)
     trainer, model = _fit_on_gpu(swag)
     post = swag.posterior
-    assert next(model.parameters()).device.type == "cuda"
+    # Lightning hands the model back on the CPU after fit; the posterior stays where it was built.
     assert post.device.type == ("cpu" if device == "cpu" else "cuda")
     snapshots = [trainer.recorder.by_epoch[e].cpu() for e in (1, 2, 3, 4)]
     mean, var, rows = expected_moments(snapshots, 3)

@@ -39,3 +39,17 @@ def test_mnist_example_fast(tmp_path) -> None:
     assert "| SWAG |" in (out / "results.md").read_text()
     for figure in ("uncertain_digits.png", "reliability.png", "entropy_histograms.png"):
         assert (out / figure).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_parallel_runs_give_the_same_results(tmp_path) -> None:
+    """--workers trains the MultiSWAG runs in spawned processes; the table must not change."""
+    data_dir = str(tmp_path / "data")
+    for dataset in ("MNIST", "FashionMNIST"):
+        write_synthetic_idx(data_dir, dataset, num_train=600, num_test=200)
+    common = ["--fast", "--data-dir", data_dir, "--subset", "600", "--test-subset", "200", "--runs", "2"]
+    serial = mnist.run(mnist.parse_args([*common, "--output-dir", str(tmp_path / "serial")]))
+    parallel = mnist.run(mnist.parse_args([*common, "--workers", "2", "--output-dir", str(tmp_path / "par")]))
+    assert list(parallel) == list(serial)
+    for name, row in serial.items():
+        assert parallel[name] == pytest.approx(row, rel=1e-4, abs=1e-6), name

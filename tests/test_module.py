@@ -243,7 +243,7 @@ def test_long_steps_show_progress_during_predict(capsys) -> None:
     printed = captured.out + captured.err
     assert "SWAG: sampling weights (chunks)" in printed  # 3 chunks of 2 samples
     assert "SWAG: BatchNorm refresh, sample chunk 3" in printed
-    assert "Predicting DataLoader 0" in printed
+    assert "Predicting" in printed  # Lightning's own bar (TQDM, or Rich where it is installed)
     assert out[0]["mean"].shape == (5, 2)
     # without a progress bar nothing extra is printed
     L.Trainer(**QUIET).predict(
