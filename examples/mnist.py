@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pin-to-device", action="store_true", help="keep the decoded data on the training device (GPU)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only (for sweeps)")
     parser.add_argument("--fast", action="store_true", help="small subset and few epochs (CPU, ~1 min)")
     args = parser.parse_args(argv)
     if args.fast:
@@ -254,6 +255,13 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     total_seconds = time.perf_counter() - start
 
     write_results(args, table, out_dir, train_seconds, eval_seconds, total_seconds, posterior)
+    if not args.no_figures:
+        save_figures(x_test, y_test, table, outputs, out_dir)
+    return table
+
+
+def save_figures(x_test, y_test, table, outputs, out_dir: Path) -> None:
+    """The most uncertain digits (SWAG), reliability diagrams and MNIST vs Fashion-MNIST entropy."""
     x_test_cpu, y_test_cpu = x_test.cpu(), y_test.cpu()
     swag_out = outputs["SWAG"]["in"]
     save_figure(
@@ -282,7 +290,6 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         ),
         out_dir / "entropy_histograms.png",
     )
-    return table
 
 
 def write_results(args, table, out_dir, train_seconds, eval_seconds, total_seconds, posterior) -> None:
