@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=8, help="N seeds: 0, R, 2R, ... with R = --runs")
     parser.add_argument("--collect-lrs", default="0.005,0.01,0.02")
     parser.add_argument("--scales", default="0.25,0.5,1", help="covariance scales; 0.5 is the default")
+    parser.add_argument(
+        "--tune-scale",
+        default="",
+        help="candidate scales: SWAG-Diagonal/SWAG/MultiSWAG use the one with the lowest NLL on --val-size "
+        "held-out training images (rows '(tuned)'); --scales rows stay as fixed-scale references",
+    )
+    parser.add_argument("--val-size", type=int, default=5000, help="held-out images when tuning")
     parser.add_argument("--runs", type=int, default=1, help="runs per seed; > 1 adds a MultiSWAG row")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("extra", nargs="*", help="further examples/mnist.py options, after --")
@@ -48,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_protocol(args: argparse.Namespace, seed: int, lr: float, scales: list[float]) -> dict[str, dict]:
     """One run of the example; rows renamed to ``SWAG (scale s)`` for every scale."""
-    sweep = ",".join(str(s) for s in scales if s != 0.5)
+    tuning = ["--val-size", str(args.val_size), "--tune-scale", args.tune_scale] if args.tune_scale else []
+    sweep = ",".join(str(s) for s in scales if args.tune_scale or s != 0.5)
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
         table = mnist.run(
             mnist.parse_args(
@@ -68,16 +76,24 @@ def one_protocol(args: argparse.Namespace, seed: int, lr: float, scales: list[fl
                     "--scale-sweep",
                     sweep,
                     "--no-figures",
+                    *tuning,
                     *args.extra,
                 ]
             )
         )
+        chosen = json.loads((Path(out) / "results.json").read_text())["tuned_scales"]
+    label = "tuned" if args.tune_scale else "scale 0.5"
     renamed = {"SGD": table["SGD"], "SWA": table["SWA"]}
-    renamed["SWAG-Diagonal (scale 0.5)"] = table["SWAG-Diagonal"]
+    renamed[f"SWAG-Diagonal ({label})"] = table["SWAG-Diagonal"]
+    if args.tune_scale:
+        renamed["SWAG (tuned)"] = table["SWAG"]
     for scale in scales:
-        renamed[f"SWAG (scale {scale:g})"] = table["SWAG" if scale == 0.5 else f"SWAG (scale {scale:g})"]
+        key = "SWAG" if scale == 0.5 and not args.tune_scale else f"SWAG (scale {scale:g})"
+        renamed[f"SWAG (scale {scale:g})"] = table[key]
     if args.runs > 1:
-        renamed[f"MultiSWAG, {args.runs} runs (scale 0.5)"] = table[f"MultiSWAG ({args.runs} runs)"]
+        renamed[f"MultiSWAG, {args.runs} runs ({label})"] = table[f"MultiSWAG ({args.runs} runs)"]
+    if chosen:
+        print(f"seed {seed}: tuned scales {chosen}", file=sys.stderr)
     return renamed
 
 

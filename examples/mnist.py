@@ -75,6 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma-separated extra scales evaluated for SWAG on the same posterior (investigation rows)",
     )
+    parser.add_argument(
+        "--val-size", type=int, default=0, help="training images held out for --tune-scale (default none)"
+    )
+    parser.add_argument(
+        "--tune-scale",
+        default="",
+        help="comma-separated candidate scales; SWAG-Diagonal, SWAG and MultiSWAG each use the one "
+        "with the lowest NLL on the --val-size held-out images (SWAGModule.tune_scale)",
+    )
     parser.add_argument("--subset", type=int, default=None, help="training images used (default all)")
     parser.add_argument("--test-subset", type=int, default=None)
     parser.add_argument("--accelerator", default="auto")
@@ -95,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--runs must be >= 1")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.tune_scale and args.val_size < 1:
+        parser.error("--tune-scale needs held-out images: add --val-size N (e.g. 5000)")
     return args
 
 
@@ -119,7 +130,7 @@ def make_datamodule(args: argparse.Namespace) -> MNISTDataModule:
         data_dir=args.data_dir,
         download=args.download,
         batch_size=args.batch_size,
-        val_size=0,
+        val_size=args.val_size,
         subset=args.subset,
         test_subset=args.test_subset,
         seed=args.seed,
@@ -246,6 +257,14 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             sgd_model, posterior, num_samples=args.num_samples, scale=float(extra), **common
         )
     eval_start = time.perf_counter()
+    tuned = {}
+    if args.tune_scale:
+        candidates = [float(v) for v in args.tune_scale.split(",")]
+        for name, predict in methods.items():
+            fixed = name == "SWA" or name.startswith("SWAG (scale")  # the sweep rows keep their scale
+            if isinstance(predict, SWAGModule) and not fixed:
+                predict.tune_scale(dm.val_dataloader(), candidates)
+                tuned[name] = predict.scale
     table, outputs = {}, {}
     for name, predict in methods.items():
         if isinstance(predict, SWAGModule):
@@ -254,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     eval_seconds = time.perf_counter() - eval_start
     total_seconds = time.perf_counter() - start
 
-    write_results(args, table, out_dir, train_seconds, eval_seconds, total_seconds, posterior)
+    write_results(args, table, out_dir, train_seconds, eval_seconds, total_seconds, posterior, tuned)
     if not args.no_figures:
         save_figures(x_test, y_test, table, outputs, out_dir)
     return table
@@ -292,7 +311,9 @@ def save_figures(x_test, y_test, table, outputs, out_dir: Path) -> None:
     )
 
 
-def write_results(args, table, out_dir, train_seconds, eval_seconds, total_seconds, posterior) -> None:
+def write_results(
+    args, table, out_dir, train_seconds, eval_seconds, total_seconds, posterior, tuned=None
+) -> None:
     header = "| method | accuracy | NLL | Brier | ECE | entropy | MI | OOD AUROC |\n|---|---|---|---|---|---|---|---|\n"
     lines = [
         f"| {name} | {100 * r['accuracy']:.2f}% | {r['nll']:.4f} | {r['brier']:.4f} | {100 * r['ece']:.2f}% | "
@@ -305,6 +326,11 @@ def write_results(args, table, out_dir, train_seconds, eval_seconds, total_secon
         f"{posterior.num_snapshots} snapshots, rank {posterior.rank}, {args.num_samples} samples, scale {args.scale}, "
         f"train images {args.subset or 'all'}, test images {len(table) and (args.test_subset or 10000)}"
     )
+    if tuned:
+        chosen = ", ".join(f"{name} {scale:g}" for name, scale in tuned.items())
+        setting += f"; scales tuned on {args.val_size} held-out training images: {chosen}"
+    elif args.val_size:
+        setting += f"; {args.val_size} training images held out"
     timing = f"train {train_seconds:.1f} s, evaluation {eval_seconds:.1f} s, total {total_seconds:.1f} s"
     markdown = f"{header}{chr(10).join(lines)}\n\n{setting}\n\n{timing}\n"
     (out_dir / "results.md").write_text(markdown)
@@ -313,6 +339,7 @@ def write_results(args, table, out_dir, train_seconds, eval_seconds, total_secon
             {
                 "methods": table,
                 "setting": setting,
+                "tuned_scales": tuned or {},
                 "seconds": {"train": train_seconds, "eval": eval_seconds, "total": total_seconds},
             },
             indent=2,

@@ -20,7 +20,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from lightning_swag.batchnorm import batches_to_use, has_batchnorm, refresh_batchnorm_batched
-from lightning_swag.metrics import UncertaintyMetrics
+from lightning_swag.metrics import UncertaintyMetrics, nll
 from lightning_swag.posterior import SWAGPosterior
 
 __all__ = ["SWAGModule", "summarize_classification", "summarize_regression"]
@@ -418,6 +418,67 @@ class SWAGModule(L.LightningModule):
         self._test_sums[f"{name}_count"] = self._test_sums.get(f"{name}_count", 0) + torch.tensor(
             float(count), dtype=torch.float64, device=value.device
         )
+
+    # ------------------------------------------------------------------ scale selection
+    @torch.no_grad()
+    def tune_scale(
+        self, dataloader: Iterable[Any], scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0)
+    ) -> dict[float, float]:
+        """Set ``scale`` to the candidate with the lowest BMA negative log-likelihood on held-out data.
+
+        The covariance scale trades calibration against sharpness, and the best value depends on
+        the model and the collection learning rate; choose it on a validation set, never on the
+        test set. Every candidate is scored with the same standard-normal draws (only their scale
+        differs), so the comparison is not blurred by sampling noise.
+
+        Args:
+            dataloader: labelled held-out batches ``(inputs, targets, ...)``; they are kept in
+                memory while the candidates are scored.
+            scales: candidate scales (each ``>= 0``). A warning says so when the best one is the
+                largest (or the smallest non-zero) candidate.
+
+        Returns:
+            ``{scale: mean NLL}`` for every candidate. Classification only: for regression the
+            averaged outputs define no likelihood without a noise model.
+        """
+        if self.task != "classification":
+            raise ValueError(
+                "tune_scale needs task='classification': the BMA of a regression model gives a mean "
+                "and a spread but no likelihood without a noise model. Choose scale by hand there."
+            )
+        candidates = [float(s) for s in scales]
+        if not candidates or not all(math.isfinite(s) and s >= 0 for s in candidates):
+            raise ValueError(f"scales must be a non-empty sequence of finite numbers >= 0, got {scales!r}.")
+        self._require_posteriors()
+        device = next(iter(self.model.parameters())).device
+        batches = []
+        for batch in dataloader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError("tune_scale needs labelled batches (inputs, targets, ...).")
+            batches.append((self.batch_inputs(batch).to(device), batch[1].to(device)))
+        if not batches:
+            raise ValueError("tune_scale got an empty dataloader.")
+        run_seed = self.seed if self.seed is not None else self._fresh_seed()
+        scores: dict[float, float] = {}
+        for scale in candidates:
+            self.scale = scale
+            self.reset_samples()
+            self._run_seed = run_seed
+            total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+            for inputs, targets in batches:
+                total += nll(self(inputs)["mean"], targets).double() * targets.numel()
+                count += targets.numel()
+            scores[scale] = float(total / count)
+        self.scale = min(scores, key=scores.__getitem__)
+        self.reset_samples()
+        at_edge = self.scale == max(candidates) or (self.scale == min(candidates) and self.scale > 0)
+        if len(set(candidates)) > 1 and at_edge:
+            warnings.warn(
+                f"SWAGModule.tune_scale: the best candidate, scale={self.scale:g}, is at the edge of the "
+                f"candidates {sorted(set(candidates))}; the optimum may lie beyond it, so widen the range.",
+                stacklevel=3,  # past torch.no_grad's wrapper, to the caller
+            )
+        return scores
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -53,3 +53,22 @@ def test_parallel_runs_give_the_same_results(tmp_path) -> None:
     assert list(parallel) == list(serial)
     for name, row in serial.items():
         assert parallel[name] == pytest.approx(row, rel=1e-4, abs=1e-6), name
+
+
+def test_tune_scale_picks_from_the_candidates_on_held_out_images(tmp_path) -> None:
+    data_dir = str(tmp_path / "data")
+    for dataset in ("MNIST", "FashionMNIST"):
+        write_synthetic_idx(data_dir, dataset, num_train=600, num_test=200)
+    with pytest.raises(SystemExit):
+        mnist.parse_args(["--tune-scale", "0.5,1"])  # no --val-size: refused by the parser
+    out = tmp_path / "out"
+    args = mnist.parse_args(
+        ["--fast", "--data-dir", data_dir, "--subset", "600", "--test-subset", "200", "--runs", "2"]
+        + ["--val-size", "200", "--tune-scale", "0.25,1", "--no-figures", "--output-dir", str(out)]
+    )
+    mnist.run(args)
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["tuned_scales"]) == {"SWAG-Diagonal", "SWAG", "MultiSWAG (2 runs)"}
+    assert all(scale in (0.25, 1.0) for scale in saved["tuned_scales"].values())
+    assert "scales tuned on 200 held-out training images" in saved["setting"]
+    assert not (out / "reliability.png").exists()

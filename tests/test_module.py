@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -251,3 +252,44 @@ def test_long_steps_show_progress_during_predict(capsys) -> None:
     )
     captured = capsys.readouterr()
     assert "SWAG:" not in captured.out + captured.err
+
+
+def test_tune_scale_scores_every_candidate_and_keeps_the_best() -> None:
+    net = _classifier()
+    post = _posterior_for(net, snapshots=8)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(60, 5, generator=g)
+    y = net(x).argmax(-1).detach()
+    y[::3] = (y[::3] + 1) % 3  # some labels the SWA model gets wrong, so the scale matters
+    loader = DataLoader(TensorDataset(x, y), batch_size=25)
+    bma = SWAGModule(net, post, num_samples=15, seed=2, task="classification")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = bma.tune_scale(loader, scales=[0.0, 0.5, 2.0])
+    edge_warnings = [w for w in caught if "edge of the candidates" in str(w.message)]
+    assert len(edge_warnings) == (1 if bma.scale == 2.0 else 0)
+    assert list(scores) == [0.0, 0.5, 2.0]
+    for scale, score in scores.items():
+        # Independent: a fresh module at that scale, the same seed, NLL over the whole set at once.
+        probs = SWAGModule(net, post, num_samples=15, seed=2, task="classification", scale=scale)(x)["mean"]
+        expected = -probs.gather(1, y.unsqueeze(1)).log().mean()
+        assert score == pytest.approx(float(expected), rel=1e-5)
+    assert bma.scale == min(scores, key=scores.get)
+    assert len(set(scores.values())) == 3
+
+
+def test_tune_scale_rejects_bad_input() -> None:
+    net = _classifier()
+    post = _posterior_for(net)
+    loader = [(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="classification"):
+        SWAGModule(net, post, task="regression").tune_scale(loader)
+    bma = SWAGModule(net, post, task="classification")
+    with pytest.raises(ValueError, match="scales"):
+        bma.tune_scale(loader, scales=[])
+    with pytest.raises(ValueError, match="scales"):
+        bma.tune_scale(loader, scales=[0.5, -1.0])
+    with pytest.raises(ValueError, match="empty"):
+        bma.tune_scale([])
+    with pytest.raises(TypeError, match="labelled"):
+        bma.tune_scale([torch.randn(4, 5)])
