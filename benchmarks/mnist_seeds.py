@@ -107,9 +107,9 @@ def summarize(per_seed: list[dict[str, dict]]) -> list[str]:
             values = [run[method][metric] for run in per_seed]
             sgd = [run["SGD"][metric] for run in per_seed]
             wins = sum((v > s) if better == "higher" else (v < s) for v, s in zip(values, sgd, strict=True))
-            factor = 100 if metric in ("accuracy", "ece") else 1
+            factor, digits = (100, 2) if metric in ("accuracy", "ece") else (1, 4)
             spread = statistics.stdev(values) * factor if n > 1 else 0.0
-            text = f"{statistics.mean(values) * factor:.{2 if factor == 100 else 4}f} ± {spread:.{2 if factor == 100 else 4}f}"
+            text = f"{statistics.mean(values) * factor:.{digits}f} ± {spread:.{digits}f}"
             cells.append(text if method == "SGD" else f"{text} ({wins}/{n})")
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return rows

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPU = {**QUIET, "accelerator": "gpu"}
 
 
-def _fit_on_gpu(swag: SWAGCallback, tmp_path=None, max_epochs: int = 5) -> tuple[L.Trainer, TinyRegressor]:
+def _fit_on_gpu(
+    swag: SWAGCallback, tmp_path=None, max_epochs: int = 5
+) -> tuple[L.Trainer, TinyRegressor, WeightRecorder]:
     torch.manual_seed(0)
     model = TinyRegressor()
     kwargs = dict(GPU)
@@ -30,18 +32,17 @@ def _fit_on_gpu(swag: SWAGCallback, tmp_path=None, max_epochs: int = 5) -> tuple
     recorder = WeightRecorder()
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=[swag, recorder], **kwargs)
     trainer.fit(model, train_dataloaders=tiny_loader())
-    trainer.recorder = recorder  # type: ignore[attr-defined]
-    return trainer, model
+    return trainer, model, recorder
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_callback_collects_gpu_weights(device: str | None) -> None:
     swag = SWAGCallback(start_epoch=1, max_rank=3, device=device)
-    trainer, model = _fit_on_gpu(swag)
+    _, _, recorder = _fit_on_gpu(swag)
     post = swag.posterior
     # Lightning hands the model back on the CPU after fit; the posterior stays where it was built.
     assert post.device.type == ("cpu" if device == "cpu" else "cuda")
-    snapshots = [trainer.recorder.by_epoch[e].cpu() for e in (1, 2, 3, 4)]
+    snapshots = [recorder.by_epoch[e].cpu() for e in (1, 2, 3, 4)]
     mean, var, rows = expected_moments(snapshots, 3)
     torch.testing.assert_close(post.mean.cpu(), mean, rtol=0, atol=1e-10)
     torch.testing.assert_close(post.variance.cpu(), var, rtol=1e-6, atol=1e-12)
@@ -70,7 +71,7 @@ def test_gpu_sampling_matches_covariance() -> None:
 
 def test_bma_on_gpu_equals_bma_on_cpu() -> None:
     swag = SWAGCallback(start_epoch=1, max_rank=3, device="cpu")
-    _, model = _fit_on_gpu(swag)
+    _, model, _ = _fit_on_gpu(swag)
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(3))
     loader = DataLoader(TensorDataset(x), batch_size=16)
 
@@ -89,7 +90,7 @@ def test_bma_on_gpu_equals_bma_on_cpu() -> None:
 
 def test_gpu_checkpoint_predicts_on_cpu(tmp_path) -> None:
     swag = SWAGCallback(start_epoch=1, max_rank=3)
-    trainer, model = _fit_on_gpu(swag, tmp_path=tmp_path)
+    trainer, model, _ = _fit_on_gpu(swag, tmp_path=tmp_path)
     ckpt = tmp_path / "gpu.ckpt"
     trainer.save_checkpoint(ckpt)
     fresh = TinyRegressor()
@@ -106,7 +107,7 @@ def test_gpu_resume_equals_uninterrupted(tmp_path) -> None:
     _fit_on_gpu(straight, max_epochs=5)
 
     first = SWAGCallback(start_epoch=1, max_rank=3)
-    trainer, _ = _fit_on_gpu(first, max_epochs=3)
+    trainer, _, _ = _fit_on_gpu(first, max_epochs=3)
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     torch.manual_seed(0)
