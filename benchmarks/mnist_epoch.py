@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from lightning_swag.data.mnist import MNISTDataModule
-from lightning_swag.models import MNISTClassifier
+from lightning_swag.experiments.data.mnist import MNISTDataModule
+from lightning_swag.experiments.machine import cpu_name
+from lightning_swag.experiments.models import MNISTClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZE = 128
@@ -44,16 +45,6 @@ BATCH_SIZE = 128
 def default_data_dir() -> str:
     """``$LIGHTNING_SWAG_DATA`` if set, else ``../shared/data`` next to the repository."""
     return os.environ.get("LIGHTNING_SWAG_DATA") or str((REPO_ROOT / ".." / "shared" / "data").resolve())
-
-
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def plain_pytorch_epoch(loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float, int]:

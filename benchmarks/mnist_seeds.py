@@ -25,11 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import mnist  # noqa: E402
-from mnist_epoch import cpu_name  # noqa: E402
+from lightning_swag.experiments import mnist
+from lightning_swag.experiments.machine import cpu_name
 
 METRICS = {"accuracy": "higher", "nll": "lower", "ece": "lower", "ood_auroc": "higher"}
 

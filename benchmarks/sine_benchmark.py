@@ -15,34 +15,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
+import notebook_reference as nb  # the benchmarks' one helper module, beside this script
 import torch
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import notebook_reference as nb  # noqa: E402
-import sine  # noqa: E402
-from mnist_epoch import cpu_name  # noqa: E402
-
-from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior  # noqa: E402
-from lightning_swag.data import SineDataModule, sine_function  # noqa: E402
-from lightning_swag.models import SineRegressor  # noqa: E402
+from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
+from lightning_swag.experiments import sine
+from lightning_swag.experiments.data import SineDataModule, sine_function
+from lightning_swag.experiments.machine import machine_description
+from lightning_swag.experiments.models import SineRegressor
 
 
 def machine() -> str:
-    return (
-        f"{cpu_name()} ({os.cpu_count()} CPUs), {torch.get_num_threads()} torch threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}"
-    )
+    return machine_description()
 
 
 def notebook_quality(seed: int) -> dict[str, float]:

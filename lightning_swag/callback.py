@@ -82,8 +82,8 @@ class SWAGCallback(Callback):
     Example:
         >>> import lightning as L
         >>> from lightning_swag import SWAGCallback, SWAGModule
-        >>> from lightning_swag.data import SineDataModule
-        >>> from lightning_swag.models import SineRegressor
+        >>> from lightning_swag.experiments.data import SineDataModule
+        >>> from lightning_swag.experiments.models import SineRegressor
         >>> swag = SWAGCallback(start_epoch=1, every_n_epochs=1, max_rank=5)
         >>> trainer = L.Trainer(max_epochs=4, callbacks=[swag], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)

@@ -25,11 +25,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-# Imported so that jsonargparse resolves the short names (``--model SineRegressor``,
-# ``--data MNISTDataModule``, ``--trainer.callbacks+=SWAGCallback``, ...).
+# Imported so that jsonargparse resolves the short name ``--trainer.callbacks+=SWAGCallback``. Models
+# and DataModules are named by class path (``--model lightning_swag.experiments.models.SineRegressor``).
 from lightning_swag.callback import SWAGCallback  # noqa: F401
-from lightning_swag.data import MNISTDataModule, SineDataModule  # noqa: F401
-from lightning_swag.models import MNISTClassifier, SineRegressor  # noqa: F401
 from lightning_swag.module import SWAGModule
 from lightning_swag.writer import SWAGPredictionWriter
 
@@ -51,13 +49,10 @@ class SaveFitConfigCallback(SaveConfigCallback):
 
 def infer_task(model: torch.nn.Module) -> Literal["regression", "classification"]:
     """The BMA task of ``model`` when ``--swag.task`` is not given: its ``task`` attribute if set,
-    ``"classification"`` for :class:`MNISTClassifier` or a model with a ``num_classes``
-    hyperparameter, else ``"regression"``."""
+    ``"classification"`` for a model with a ``num_classes`` hyperparameter, else ``"regression"``."""
     task = getattr(model, "task", None)
     if task in ("regression", "classification"):
         return task
-    if isinstance(model, MNISTClassifier):
-        return "classification"
     hparams = getattr(model, "hparams", {})
     return "classification" if "num_classes" in hparams else "regression"
 
@@ -66,7 +61,7 @@ class SWAGLightningCLI(LightningCLI):
     """``LightningCLI`` whose ``test``/``predict`` run Bayesian model averaging with SWAG.
 
     Any LightningModule / LightningDataModule can be selected (``--model SineRegressor``,
-    ``class_path: lightning_swag.models.MNISTClassifier``). For ``test`` and ``predict`` the model is
+    ``class_path: lightning_swag.experiments.models.MNISTClassifier``). For ``test`` and ``predict`` the model is
     wrapped into ``SWAGModule(model, posterior=None, **swag_options)``; the checkpoint given with
     ``--ckpt_path`` (one written by ``fit`` with ``SWAGCallback``) restores both the weights and the
     posterior. ``predict`` writes its output with a :class:`SWAGPredictionWriter` to

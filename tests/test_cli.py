@@ -19,12 +19,12 @@ import lightning as L
 import pytest
 import torch
 from conftest import QUIET, TinyRegressor, tiny_loader
+from synthetic_idx import write_synthetic_idx
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 from lightning_swag.cli import cli_main, infer_task
-from lightning_swag.data import SineDataModule
-from lightning_swag.data.synthetic import write_synthetic_idx
-from lightning_swag.models import MNISTClassifier, SineRegressor
+from lightning_swag.experiments.data import SineDataModule
+from lightning_swag.experiments.models import MNISTClassifier, SineRegressor
 from lightning_swag.writer import SWAGPredictionWriter, load_predictions, merge_predictions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -180,10 +180,10 @@ def test_callback_model_and_data_selected_on_the_command_line(tmp_path: Path) ->
         [
             "fit",
             "--model",
-            "SineRegressor",
+            "lightning_swag.experiments.models.SineRegressor",
             "--model.hidden=8",
             "--data",
-            "SineDataModule",
+            "lightning_swag.experiments.data.SineDataModule",
             "--data.num_points=64",
             "--trainer.callbacks+=SWAGCallback",
             "--trainer.callbacks.start_epoch=1",

@@ -16,8 +16,9 @@ import lightning as L
 import pytest
 import torch
 import torchvision
+from synthetic_idx import write_synthetic_idx
 
-from lightning_swag.data.mnist import (
+from lightning_swag.experiments.data.mnist import (
     MNIST_MEAN,
     MNIST_STD,
     MNISTDataModule,
@@ -25,8 +26,7 @@ from lightning_swag.data.mnist import (
     fashion_mnist_test_loader,
     load_normalized_tensors,
 )
-from lightning_swag.data.synthetic import write_synthetic_idx
-from lightning_swag.models import MNISTClassifier
+from lightning_swag.experiments.models import MNISTClassifier
 
 DATA_ENV_VAR = "LIGHTNING_SWAG_DATA"
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1200, 300

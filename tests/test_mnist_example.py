@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
+from synthetic_idx import write_synthetic_idx
 
-from lightning_swag.data.synthetic import write_synthetic_idx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import mnist  # noqa: E402
+from lightning_swag.experiments import mnist
 
 
 @pytest.mark.slow

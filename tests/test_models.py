@@ -8,7 +8,7 @@ import torch
 from conftest import QUIET
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_swag.models import MNISTClassifier, SineRegressor
+from lightning_swag.experiments.models import MNISTClassifier, SineRegressor
 
 
 def test_train_loss_is_the_epoch_mean_of_the_step_losses() -> None:

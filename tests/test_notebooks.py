@@ -9,6 +9,7 @@ temporary working directory with ``LIGHTNING_SWAG_NOTEBOOK_FAST=1``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import ipykernel  # noqa: F401 - the dev extra installs it; a missing kernel mus
 import nbclient
 import nbformat
 import pytest
+from synthetic_idx import write_synthetic_idx
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
@@ -60,6 +62,13 @@ def test_notebook_runs_in_fast_mode(
     path: Path, kernel_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LIGHTNING_SWAG_NOTEBOOK_FAST", "1")
+    data_dir = os.environ.get("LIGHTNING_SWAG_DATA")
+    if not (data_dir and (Path(data_dir) / "MNIST" / "raw").is_dir()):
+        data_dir = str(tmp_path / "synthetic_data")
+        write_synthetic_idx(data_dir, "MNIST", num_train=2000, num_test=500, seed=0)
+        write_synthetic_idx(data_dir, "FashionMNIST", num_train=10, num_test=500, seed=1)
+        monkeypatch.setenv("LIGHTNING_SWAG_SYNTHETIC_DATA", "1")
+    monkeypatch.setenv("LIGHTNING_SWAG_DATA", str(Path(data_dir).resolve()))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,

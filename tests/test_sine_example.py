@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import sine  # noqa: E402
-
-from lightning_swag.data import SineDataModule  # noqa: E402
+from lightning_swag.experiments import sine
+from lightning_swag.experiments.data import SineDataModule  # noqa: E402
 
 
 def test_sine_data_matches_the_notebook() -> None:

@@ -103,6 +103,9 @@ class SineRegressor(_ReferenceModule):
         weight_decay: L2 penalty.
     """
 
+    task = "regression"
+    """What :class:`~lightning_swag.SWAGModule` summarises for this model (read by the CLI)."""
+
     def __init__(
         self,
         hidden: int = 10,
@@ -136,6 +139,9 @@ class MNISTClassifier(_ReferenceModule):
         momentum: SGD momentum.
         weight_decay: L2 penalty.
     """
+
+    task = "classification"
+    """What :class:`~lightning_swag.SWAGModule` summarises for this model (read by the CLI)."""
 
     def __init__(
         self,

@@ -1,0 +1,12 @@
+"""The experiment kit: reference data, models, plots and the two reference experiments.
+
+Everything here *uses* the core (``lightning_swag.posterior``, ``callback``, ``module``, ...) to
+reproduce and extend the reference notebook; the core never imports from here. It needs
+torchvision (MNIST) and matplotlib (figures), which the package installs by default.
+
+* :mod:`~lightning_swag.experiments.data`: ``SineDataModule``, ``MNISTDataModule``.
+* :mod:`~lightning_swag.experiments.models`: ``SineRegressor``, ``MNISTClassifier``.
+* :mod:`~lightning_swag.experiments.plots`: the figures of the examples.
+* :mod:`~lightning_swag.experiments.sine`, :mod:`~lightning_swag.experiments.mnist`: the experiments
+  that ``examples/sine.py`` and ``examples/mnist.py`` run.
+"""
