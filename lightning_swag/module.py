@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from lightning_swag.batchnorm import batches_to_use, has_batchnorm, refresh_batchnorm_batched
 from lightning_swag.metrics import UncertaintyMetrics, nll
 from lightning_swag.posterior import SWAGPosterior
+from lightning_swag.summaries import summarize_classification, summarize_regression
 
-__all__ = ["SWAGModule", "summarize_classification", "summarize_regression"]
+__all__ = ["SWAGModule"]
 
 Task = Literal["regression", "classification"]
 Covariance = Literal["low_rank", "diagonal"]
@@ -35,34 +36,6 @@ _BYTES_PER_SAMPLED_WEIGHT = 12
 # Weight samples of a run are kept between batches when all of them fit in this many bytes;
 # larger sets are redrawn from the same seed for every batch.
 _CACHE_BYTES = 512 * 2**20
-
-
-def _entropy(probs: Tensor) -> Tensor:
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
-
-
-def summarize_regression(outputs: Tensor) -> dict[str, Tensor]:
-    """Mean and standard deviation over the sample axis (dim 0) of ``[S, B, ...]`` outputs.
-
-    The std is the spread of the Monte-Carlo mixture (``correction=0``), so ``S = 1`` gives 0.
-    """
-    std, mean = torch.std_mean(outputs, dim=0, correction=0)
-    return {"mean": mean, "std": std}
-
-
-def summarize_classification(logits: Tensor) -> dict[str, Tensor]:
-    """BMA summary of ``[S, B, C]`` logits: mean and std of the softmax probabilities,
-    predictive entropy of the mean, and mutual information (entropy of the mean − mean entropy)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    std, mean = torch.std_mean(probs, dim=0, correction=0)
-    entropy = _entropy(mean)
-    expected_entropy = _entropy(probs).mean(dim=0)
-    return {
-        "mean": mean,
-        "std": std,
-        "entropy": entropy,
-        "mutual_information": (entropy - expected_entropy).clamp_(min=0),
-    }
 
 
 def batch_inputs(batch: Any) -> Tensor:
