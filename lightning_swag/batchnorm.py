@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_swag.batches import default_batch_inputs
+from lightning_swag.vectorize import SampleMap, Vectorize, choose_vectorization
 
 __all__ = [
     "batches_to_use",
@@ -68,15 +71,6 @@ def batchnorm_buffer_names(model: nn.Module) -> list[str]:
         if module.num_batches_tracked is not None:
             names.append(p + "num_batches_tracked")
     return names
-
-
-def default_batch_inputs(batch: Any) -> Any:
-    """The model input of a batch: the first element of a tuple/list, or the batch itself (as ``update_bn``)."""
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("refresh_batchnorm: the loader yielded an empty tuple/list batch.")
-        return batch[0]
-    return batch
 
 
 def batches_to_use(loader: Iterable, num_batches: int | float | None) -> int | None:
@@ -130,7 +124,7 @@ def _run_passes(
     num_batches: int | float | None,
     device: torch.device,
     batch_inputs: BatchInputs | None,
-    forward: Callable[[Any], None],
+    pass_batch: Callable[[Any], None],
 ) -> None:
     """One pass over the loader in train mode with cumulative-average momentum; the model's modes and
     momenta are restored afterwards, whatever happens."""
@@ -145,14 +139,12 @@ def _run_passes(
         batches = itertools.islice(loader, limit) if limit is not None else loader
         with torch.no_grad():
             for seen, batch in enumerate(batches, start=1):  # noqa: B007 - `seen` is used after the loop
-                inputs = extract(batch)
-                if isinstance(inputs, Tensor):
-                    inputs = inputs.to(device)
+                inputs = move_data_to_device(extract(batch), device)
                 # momentum = 1/n at the n-th batch is the equal-weight running average that
                 # ``momentum=None`` gives, without reading num_batches_tracked (which vmap cannot).
                 for module, _ in momenta:
                     module.momentum = 1.0 / seen
-                forward(inputs)
+                pass_batch(inputs)
     finally:
         for module, momentum in momenta:
             module.momentum = momentum
@@ -189,8 +181,9 @@ def refresh_batchnorm(
             ``len(loader)`` (``float`` in (0, 1]); ``None`` is one full pass.
         device: where inputs and the returned buffers go (default: the device of ``parameters``,
             else of the model).
-        batch_inputs: extracts the model input from a batch (default: first element of a
-            tuple/list, or the batch itself).
+        batch_inputs: extracts the model input from a batch (default:
+            :func:`lightning_swag.batches.default_batch_inputs`; ``SWAGModule`` passes its
+            ``batch_inputs``).
 
     Returns:
         ``{buffer_name: tensor}`` for every BatchNorm ``running_mean``, ``running_var`` and
@@ -207,10 +200,10 @@ def refresh_batchnorm(
     others = {n: b.clone() for n, b in model.named_buffers() if n not in fresh}
     state = {**others, **parameters, **fresh}
 
-    def forward(inputs: Any) -> None:
+    def pass_batch(inputs: Any) -> None:
         functional_call(model, state, (inputs,))
 
-    _run_passes(model, loader, num_batches, device, batch_inputs, forward)
+    _run_passes(model, loader, num_batches, device, batch_inputs, pass_batch)
     return fresh
 
 
@@ -223,14 +216,15 @@ def refresh_batchnorm_batched(
     device: torch.device | str | None = None,
     *,
     batch_inputs: BatchInputs | None = None,
-    vectorize: bool = True,
+    vectorize: Vectorize | bool = "auto",
 ) -> dict[str, Tensor]:
     """:func:`refresh_batchnorm` for a chunk of ``S`` weight samples ``{name: [S, *shape]}``, in one
     pass over the data.
 
-    Each batch goes through all ``S`` models at once with ``torch.func.vmap`` (or, when the model
-    cannot be traced or ``vectorize=False``, one ``functional_call`` per sample). The result for
-    sample ``i`` equals ``refresh_batchnorm(model, {k: v[i] ...}, loader, ...)``.
+    Each batch goes through all ``S`` models, with ``torch.func.vmap`` or one ``functional_call``
+    per sample as ``vectorize`` says (see :mod:`lightning_swag.vectorize`; ``"auto"``: a loop on the
+    CPU, ``vmap`` elsewhere). The result for sample ``i`` equals
+    ``refresh_batchnorm(model, {k: v[i] ...}, loader, ...)``.
 
     Returns:
         ``{buffer_name: [S, *shape]}``; slice ``i`` goes with sample ``i``.
@@ -249,36 +243,13 @@ def refresh_batchnorm_batched(
     device = _resolve_device(model, parameters, device)
     fresh = _fresh_buffers(modules, (num,), device)
     others = {n: b.clone() for n, b in model.named_buffers() if n not in fresh}
-    use_vmap, vmap_verified = vectorize, False
+    mapper = SampleMap(choose_vectorization(vectorize, device), "refresh_batchnorm_batched")
 
-    def one(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Any) -> Tensor:
+    def run_one(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Any) -> Tensor:
         return functional_call(model, {**others, **params, **buffers}, (inputs,))
 
-    def loop(inputs: Any) -> None:
-        for i in range(num):
-            one({k: v[i] for k, v in parameters.items()}, {k: v[i] for k, v in fresh.items()}, inputs)
+    def pass_batch(inputs: Any) -> None:
+        mapper(run_one, parameters, fresh, inputs, restore=fresh, model_name=type(model).__name__)
 
-    def forward(inputs: Any) -> None:
-        nonlocal use_vmap, vmap_verified
-        if use_vmap and vmap_verified:
-            vmap(one, in_dims=(0, 0, None))(parameters, fresh, inputs)
-            return
-        if use_vmap:
-            before = {k: v.clone() for k, v in fresh.items()}
-            try:
-                vmap(one, in_dims=(0, 0, None))(parameters, fresh, inputs)
-                vmap_verified = True
-                return
-            except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the loop
-                warnings.warn(
-                    f"refresh_batchnorm_batched: torch.func.vmap could not run {type(model).__name__} "
-                    f"({err}); falling back to one forward pass per sample.",
-                    stacklevel=4,
-                )
-                use_vmap = False
-                for k, v in fresh.items():  # undo a partial update before redoing this batch
-                    v.copy_(before[k])
-        loop(inputs)
-
-    _run_passes(model, loader, num_batches, device, batch_inputs, forward)
+    _run_passes(model, loader, num_batches, device, batch_inputs, pass_batch)
     return fresh

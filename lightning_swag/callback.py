@@ -3,19 +3,26 @@ in checkpoints. The statistics themselves live in :class:`~lightning_swag.poster
 
 from __future__ import annotations
 
+import os
+import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch import nn
 from torch.optim.swa_utils import SWALR
+from typing_extensions import override
 
+from lightning_swag.checkpoint import CALLBACK_POSTERIOR_KEY, unreadable_file_error
 from lightning_swag.posterior import SWAGPosterior
 
-__all__ = ["SWAGCallback"]
+__all__ = ["SWAGCallback", "readable_checkpoint_errors", "restore_checkpoint_io"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -35,6 +42,57 @@ def _sharded_base(strategy: object) -> str | None:
     return None
 
 
+def _spawns_workers(strategy: Strategy) -> bool:
+    """Whether ``strategy`` trains in spawned/forked worker processes (``ddp_spawn``, ``ddp_notebook``),
+    from which Lightning sends only the weights back. Lightning's launcher class is private, so it is
+    recognised by name (a test fails loudly if Lightning renames it)."""
+    launcher = getattr(strategy, "launcher", None)
+    return any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__)
+
+
+class _ReadableErrorsCheckpointIO(CheckpointIO):
+    """Delegates to the strategy's checkpoint IO; a checkpoint that cannot be loaded raises a
+    ``ValueError`` naming the file instead of a bare ``EOFError``/``RuntimeError`` from torch."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return self.inner.load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
+            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+                raise unreadable_file_error(path, "checkpoint", err) from err
+            raise
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def readable_checkpoint_errors(strategy: Strategy) -> None:
+    """Make ``strategy`` report damaged checkpoint files (empty, truncated, garbage) with an error that
+    names the file. Called from ``setup`` by ``SWAGCallback`` and ``SWAGModule``, i.e. before Lightning
+    reads ``ckpt_path``; :func:`restore_checkpoint_io` undoes it once the checkpoint is read."""
+    current = strategy.checkpoint_io
+    if not isinstance(current, _ReadableErrorsCheckpointIO):
+        strategy.checkpoint_io = _ReadableErrorsCheckpointIO(current)
+
+
+def restore_checkpoint_io(strategy: Strategy) -> None:
+    """Put back the checkpoint IO that :func:`readable_checkpoint_errors` wrapped."""
+    current = strategy.checkpoint_io
+    if isinstance(current, _ReadableErrorsCheckpointIO):
+        strategy.checkpoint_io = current.inner
+
+
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -45,22 +103,32 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 class SWAGCallback(Callback):
     """Collect a SWAG posterior over the weights of any LightningModule during ``trainer.fit``.
 
-    A snapshot is taken at the end of training epoch ``e`` when ``e >= start_epoch`` and
-    ``(e - start_epoch) % every_n_epochs == 0``; with ``every_n_steps`` instead, after every
-    optimizer step whose ``global_step`` is a multiple of ``every_n_steps`` (from ``start_epoch`` on).
-    Snapshots run on every rank (under DDP all ranks hold identical weights, hence identical
-    posteriors). The user's optimizer and LR schedule are left alone unless ``swa_lr`` is given.
+    When to snapshot is decided by :meth:`should_update`, with Lightning's ``WeightAveraging``
+    convention: it is asked after every optimizer step with the zero-based ``step_idx`` and at the end
+    of every training epoch with the zero-based ``epoch_idx``. By default a snapshot is taken at the
+    end of epoch ``e`` when ``e >= start_epoch`` and ``(e - start_epoch) % every_n_epochs == 0``; with
+    ``every_n_steps`` instead, after every ``every_n_steps``-th optimizer step (``(step_idx + 1) %
+    every_n_steps == 0``) from ``start_epoch`` on. Override :meth:`should_update` for any other
+    schedule. The user's optimizer and LR schedule are left alone unless ``swa_lr`` is given.
 
     The epoch snapshot is taken right after the epoch's last optimizer step, before validation and
     before epoch-end checkpoints are written, so a checkpoint always holds the posterior that matches
     its weights and a resume neither loses nor repeats a snapshot.
 
+    Runs: every ``fit`` in a *new* Trainer starts a fresh posterior (the previous one is left as it
+    was, so ``swag.posterior`` of each run can be kept, e.g. for MultiSWAG), unless it resumes from a
+    checkpoint (``ckpt_path``), whose posterior it continues. Calling ``fit`` again on the same
+    Trainer continues the same posterior.
+
     Steps are Lightning's ``global_step``: with several optimizers (manual optimization) every
-    ``optimizer.step()`` counts. Weights that became NaN or infinite (diverged training) raise a
+    ``optimizer.step()`` counts. Under DDP every process holds identical weights, hence collects an
+    identical posterior. Weights that became NaN or infinite (diverged training) raise a
     ``FloatingPointError`` naming the parameters, epoch and step; that snapshot is not added and the
-    posterior keeps the earlier ones. Sharded strategies (FSDP, DeepSpeed, ModelParallel) are
-    refused in ``setup``. With spawn-based strategies (``"ddp_spawn"``) the posterior stays in the
-    worker processes (a warning says so): prefer ``strategy="ddp"`` or restore it from a checkpoint.
+    posterior keeps the earlier ones. Parameters that are not initialized when training starts
+    (``nn.LazyLinear``) are tracked from the first snapshot on. Sharded strategies (FSDP, DeepSpeed,
+    ModelParallel) are refused in ``setup``. With spawn-based strategies (``"ddp_spawn"``) the
+    posterior stays in the worker processes (a warning says so): prefer ``strategy="ddp"`` or restore
+    it from a checkpoint.
 
     Args:
         start_epoch: first epoch (0-based) whose weights are collected.
@@ -72,7 +140,8 @@ class SWAGCallback(Callback):
             model's device).
         include: parameter names or shell patterns to track (e.g. ``["head.*"]`` for last-layer
             SWAG); default every parameter with ``requires_grad=True``.
-        moment_dtype: dtype of the mean and second moment.
+        moment_dtype: dtype of the mean and the sum of squared deviations (Welford updates keep
+            float32 accurate; float64 is the default).
         deviation_dtype: dtype of the deviation buffer.
         swa_lr: if set, switch every optimizer to this learning rate from ``start_epoch`` on
             (torch's ``SWALR``), replacing the user's LR scheduler for the collection phase.
@@ -147,8 +216,15 @@ class SWAGCallback(Callback):
         self.annealing_epochs = annealing_epochs
         self.annealing_strategy = annealing_strategy
         self._posterior: SWAGPosterior | None = None
-        self._last_epoch = -1
-        self._last_step = 0
+        self._trainer_ref: Callable[[], Any] | None = None
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Bookkeeping of one run: what was collected when, and the SWA learning-rate schedulers."""
+        self._current_epoch = 0
+        self._last_epoch = -1  # epoch of the last epoch-end decision
+        self._last_step = 0  # global_step of the last step decision
+        self._snapshot_step = -1  # global_step of the last step snapshot
         self._swa_lr_installed = False
         self._swa_schedulers: list[SWALR] = []
         self._saved_swa_scheduler_states: list[dict[str, Any]] = []
@@ -159,45 +235,60 @@ class SWAGCallback(Callback):
         """The posterior collected so far (available during and after ``fit``)."""
         if self._posterior is None:
             raise RuntimeError(
-                "SWAGCallback has no posterior yet: it is created when trainer.fit starts. "
-                "Pass the callback to L.Trainer(callbacks=[...]) and run fit (or resume from a checkpoint). "
-                "After fit with a spawn-based strategy ('ddp_spawn', 'ddp_notebook') the posterior stayed in "
-                "the worker processes: restore it from a checkpoint, or train with strategy='ddp'."
+                "SWAGCallback has no posterior yet: it is created at the first snapshot of trainer.fit. "
+                "Pass the callback to L.Trainer(callbacks=[...]) and run fit (or resume from a checkpoint), "
+                "and check that training reached start_epoch. After fit with a spawn-based strategy "
+                "('ddp_spawn', 'ddp_notebook') the posterior stayed in the worker processes: restore it from "
+                "a checkpoint, or train with strategy='ddp'."
             )
         return self._posterior
 
     @property
+    @override
     def state_key(self) -> str:
         return "SWAGCallback"
 
-    def should_update(self, epoch: int, step: int | None = None) -> bool:
-        """Whether to snapshot at the end of ``epoch`` (epoch mode, ``step`` is None) or after
-        optimizer step ``step`` (step mode). Override for other schedules."""
-        if epoch < self.start_epoch:
-            return False
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Whether to snapshot now. Called after every optimizer step with ``step_idx`` (zero-based
+        index of the last step, ``global_step - 1``) and at the end of every training epoch with
+        ``epoch_idx`` (zero-based); the other argument is ``None``. This is the signature and
+        convention of Lightning's ``WeightAveraging.should_update``; override it for other schedules.
+        A step and an epoch end that fall together never give two snapshots of the same weights."""
         if self.every_n_steps is not None:
-            return step is not None and step > 0 and step % self.every_n_steps == 0
+            return (
+                step_idx is not None
+                and self._current_epoch >= self.start_epoch
+                and (step_idx + 1) % self.every_n_steps == 0
+            )
         assert self.every_n_epochs is not None
-        return (epoch - self.start_epoch) % self.every_n_epochs == 0
+        return (
+            epoch_idx is not None
+            and epoch_idx >= self.start_epoch
+            and (epoch_idx - self.start_epoch) % self.every_n_epochs == 0
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            # A new fit counts its epochs/steps afresh (a checkpoint restored after this sets them);
-            # the posterior itself carries over, so a second fit keeps collecting into it.
-            self._last_epoch, self._last_step, self._swa_lr_installed = -1, 0, False
-            self._swa_schedulers, self._saved_swa_scheduler_states = [], []
+        if stage != "fit":
+            return
         sharded = _sharded_base(trainer.strategy)
-        if stage == "fit" and sharded is not None:
+        if sharded is not None:
             name = type(trainer.strategy).__name__
             kind = name if name == sharded else f"{name} (a {sharded})"
             raise RuntimeError(
-                f"SWAGCallback does not support the sharded strategy {kind}: each rank holds only a shard "
+                f"SWAGCallback does not support the sharded strategy {kind}: each process holds only a shard "
                 "of the weights, so the posterior would be silently wrong. Use strategy='ddp'."
             )
-        if stage == "fit" and isinstance(
-            getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher
-        ):
+        previous = self._trainer_ref() if self._trainer_ref is not None else None
+        if previous is not trainer:
+            # A new Trainer is a new run: a fresh posterior (a checkpoint restored after this hook
+            # brings its own), and the earlier run's posterior object is left as it was.
+            self._posterior = None
+            self._reset_run_state()
+            self._trainer_ref = _reference(trainer)
+        readable_checkpoint_errors(trainer.strategy)
+        if _spawns_workers(trainer.strategy):
             rank_zero_warn(
                 "SWAGCallback: this strategy trains in spawned/forked worker processes ('ddp_spawn', "
                 "'ddp_notebook', ...) and Lightning sends only the weights back, not callback state, so "
@@ -206,23 +297,24 @@ class SWAGCallback(Callback):
                 "strategy='ddp'."
             )
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        device = torch.device(self.device) if self.device is not None else pl_module.device
-        if self._posterior is None:
-            self._posterior = SWAGPosterior.from_model(
-                pl_module,
-                self.max_rank,
-                include=self.include,
-                moment_dtype=_DTYPES[self.moment_dtype],
-                deviation_dtype=_DTYPES[self.deviation_dtype],
-                device=device,
-            )
-        else:
-            self._posterior.check_compatible(pl_module)
-            if self._posterior.device != device:
-                self._posterior.to(device)
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        restore_checkpoint_io(trainer.strategy)
 
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._posterior is None:
+            if not _has_uninitialized(pl_module):
+                self._posterior = self._new_posterior(pl_module)
+            return  # lazy parameters: the posterior is built at the first snapshot
+        self._posterior.check_compatible(pl_module)
+        device = self._target_device(pl_module)
+        if self._posterior.device != device:
+            self._posterior.to(device)
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._current_epoch = trainer.current_epoch
         if (
             self.swa_lr is not None
             and not self._swa_lr_installed
@@ -230,24 +322,26 @@ class SWAGCallback(Callback):
         ):
             self._install_swa_lr(trainer)
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        epoch = trainer.current_epoch
-        if self.every_n_steps is not None:
-            step = trainer.global_step
-            if step != self._last_step and self.should_update(epoch, step):
+        self._current_epoch = trainer.current_epoch
+        step = trainer.global_step
+        if step != self._last_step:  # an optimizer step happened (not so while accumulating gradients)
+            self._last_step = step
+            if self.should_update(step_idx=step - 1):
                 self._snapshot(pl_module)
-                self._last_step = step
-            return
+                self._snapshot_step = step
         if trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
-            self._epoch_snapshot(trainer, pl_module)
+            self._epoch_end(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Fallback for epochs that end without a recognisable last batch (e.g. ``max_steps``).
-        if self.every_n_steps is None:
-            self._epoch_snapshot(trainer, pl_module)
+        self._epoch_end(trainer, pl_module)
 
+    @override
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -257,16 +351,18 @@ class SWAGCallback(Callback):
                 "collection starts from a fresh posterior."
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "posterior": self._posterior.state_dict() if self._posterior is not None else None,
+            CALLBACK_POSTERIOR_KEY: self._posterior.state_dict() if self._posterior is not None else None,
             "last_epoch": self._last_epoch,
             "last_step": self._last_step,
             "swa_schedulers": [scheduler.state_dict() for scheduler in self._swa_schedulers],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        posterior_state = state_dict.get("posterior")
+        posterior_state = state_dict.get(CALLBACK_POSTERIOR_KEY)
         if posterior_state is not None and posterior_state["max_rank"] != self.max_rank:
             rank_zero_warn(
                 f"SWAGCallback: the checkpoint's posterior has max_rank={posterior_state['max_rank']} but the "
@@ -278,15 +374,32 @@ class SWAGCallback(Callback):
         self._saved_swa_scheduler_states = list(state_dict.get("swa_schedulers", []))
 
     # ------------------------------------------------------------------ internals
-    def _epoch_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch != self._last_epoch and self.should_update(epoch):
+        if epoch == self._last_epoch:
+            return
+        self._last_epoch = epoch
+        if self.should_update(epoch_idx=epoch) and self._snapshot_step != trainer.global_step:
             self._snapshot(pl_module)
-            self._last_epoch = epoch
+
+    def _target_device(self, pl_module: L.LightningModule) -> torch.device:
+        return torch.device(self.device) if self.device is not None else pl_module.device
+
+    def _new_posterior(self, pl_module: L.LightningModule) -> SWAGPosterior:
+        return SWAGPosterior.from_model(
+            pl_module,
+            self.max_rank,
+            include=self.include,
+            moment_dtype=_DTYPES[self.moment_dtype],
+            deviation_dtype=_DTYPES[self.deviation_dtype],
+            device=self._target_device(pl_module),
+        )
 
     def _snapshot(self, pl_module: L.LightningModule) -> None:
+        if self._posterior is None:
+            self._posterior = self._new_posterior(pl_module)
         try:
-            self.posterior.collect(pl_module)
+            self._posterior.collect(pl_module)
         except FloatingPointError as err:
             # Diverged training: fail loudly (later snapshots would be non-finite too). The
             # posterior keeps the snapshots collected so far; say where it happened.
@@ -304,7 +417,7 @@ class SWAGCallback(Callback):
         saved = self._saved_swa_scheduler_states
         resume = len(saved) == len(trainer.optimizers)
         configs, self._swa_schedulers = [], []
-        for index, optimizer in enumerate(trainer.optimizers):
+        for optimizer_index, optimizer in enumerate(trainer.optimizers):
             restored_lrs = [group["lr"] for group in optimizer.param_groups]
             scheduler = SWALR(
                 optimizer,
@@ -315,7 +428,7 @@ class SWAGCallback(Callback):
             if resume:
                 # SWALR's constructor took a step; undo it: the checkpoint's optimizer already holds
                 # the learning rates of the interrupted run.
-                scheduler.load_state_dict(saved[index])
+                scheduler.load_state_dict(saved[optimizer_index])
                 for group, lr in zip(optimizer.param_groups, restored_lrs, strict=True):
                     group["lr"] = lr
             self._swa_schedulers.append(scheduler)
@@ -325,3 +438,16 @@ class SWAGCallback(Callback):
             rank_zero_info("SWAGCallback: the LR scheduler is replaced by SWALR for the collection phase.")
         trainer.strategy.lr_scheduler_configs = configs
         self._swa_lr_installed = True
+
+
+def _reference(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj`` (a strong one for objects that cannot be weakly referenced)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _has_uninitialized(module: nn.Module) -> bool:
+    """Whether a parameter is still uninitialized (a lazy module before its first forward pass)."""
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())

@@ -16,10 +16,8 @@ so one config file serves them all, but only ``test`` and ``predict`` use them.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -28,12 +26,16 @@ from lightning.pytorch.utilities import rank_zero_info
 # Imported so that jsonargparse resolves the short name ``--trainer.callbacks+=SWAGCallback``. Models
 # and DataModules are named by class path (``--model lightning_swag.experiments.models.SineRegressor``).
 from lightning_swag.callback import SWAGCallback  # noqa: F401
-from lightning_swag.module import SWAGModule
+from lightning_swag.checkpoint import load_file, posterior_states
+from lightning_swag.module import SWAGModule, infer_task
 from lightning_swag.writer import SWAGPredictionWriter
 
 __all__ = ["SWAGLightningCLI", "cli_main", "infer_task", "main"]
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")
+# SWAGModule arguments that are objects, not options: the model comes from --model, the posterior
+# from --ckpt_path; bn_loader and output_transform are for Python users.
+_NOT_OPTIONS = {"model", "posterior", "bn_loader", "output_transform"}
 
 
 class SaveFitConfigCallback(SaveConfigCallback):
@@ -47,26 +49,18 @@ class SaveFitConfigCallback(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-def infer_task(model: torch.nn.Module) -> Literal["regression", "classification"]:
-    """The BMA task of ``model`` when ``--swag.task`` is not given: its ``task`` attribute if set,
-    ``"classification"`` for a model with a ``num_classes`` hyperparameter, else ``"regression"``."""
-    task = getattr(model, "task", None)
-    if task in ("regression", "classification"):
-        return task
-    hparams = getattr(model, "hparams", {})
-    return "classification" if "num_classes" in hparams else "regression"
-
-
 class SWAGLightningCLI(LightningCLI):
     """``LightningCLI`` whose ``test``/``predict`` run Bayesian model averaging with SWAG.
 
-    Any LightningModule / LightningDataModule can be selected (``--model SineRegressor``,
-    ``class_path: lightning_swag.experiments.models.MNISTClassifier``). For ``test`` and ``predict`` the model is
-    wrapped into ``SWAGModule(model, posterior=None, **swag_options)``; the checkpoint given with
-    ``--ckpt_path`` (one written by ``fit`` with ``SWAGCallback``) restores both the weights and the
-    posterior. ``predict`` writes its output with a :class:`SWAGPredictionWriter` to
-    ``--swag.output_dir`` (default ``<trainer.default_root_dir>/predictions``) unless a prediction
-    writer is already in ``trainer.callbacks``; predictions are not also kept in memory unless
+    Any LightningModule / LightningDataModule can be selected by class path
+    (``--model lightning_swag.experiments.models.SineRegressor``). For ``test`` and ``predict`` the
+    model is wrapped into ``SWAGModule(model, posterior=None, **swag)``, where the ``--swag.*``
+    options are :class:`SWAGModule`'s own arguments (built from its signature, with its defaults);
+    the checkpoint given with ``--ckpt_path`` (one written by ``fit`` with ``SWAGCallback``) restores
+    both the weights and the posterior. ``predict`` writes its output with a
+    :class:`SWAGPredictionWriter` configured by the ``--predictions.*`` options (its signature;
+    default folder ``<trainer.default_root_dir>/predictions``) unless a prediction writer is already
+    in ``trainer.callbacks``; predictions are not also kept in memory unless
     ``--return_predictions true`` is given.
 
     Arguments are those of :class:`~lightning.pytorch.cli.LightningCLI`; ``model_class`` defaults
@@ -103,40 +97,16 @@ class SWAGLightningCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the ``swag`` group: the options of :class:`SWAGModule` and of the prediction files."""
-        group = parser.add_argument_group(
-            "SWAG", "Bayesian model averaging options, used by test and predict (ignored by fit/validate)."
+        """Add ``--swag.*`` (SWAGModule's arguments) and ``--predictions.*`` (SWAGPredictionWriter's),
+        both from the signatures, so names, types, defaults and help stay those of the classes."""
+        parser.add_class_arguments(
+            SWAGModule,
+            "swag",
+            instantiate=False,
+            skip=_NOT_OPTIONS,
+            sub_configs=True,
         )
-        swag_args: list[tuple[str, Any, Any, str]] = [
-            ("num_samples", PositiveInt, 30, "Weight samples drawn from the posterior."),
-            (
-                "scale",
-                NonNegativeFloat,
-                0.5,
-                "Covariance scale (0.5 as in the paper; 0 with 1 sample = SWA).",
-            ),
-            (
-                "task",
-                Literal["regression", "classification"] | None,
-                None,
-                "Summary to compute; default: classification for MNISTClassifier / models with "
-                "num_classes, else regression.",
-            ),
-            ("covariance", Literal["low_rank", "diagonal"], "low_rank", "Full SWAG or SWAG-Diagonal."),
-            ("seed", int | None, None, "Seed of the weight samples (reproducible predictions)."),
-            ("chunk_size", PositiveInt | None, None, "Samples per vectorised forward pass (memory)."),
-            ("return_samples", bool, False, "Also write the per-sample outputs 'samples' [S, N, ...]."),
-            (
-                "output_dir",
-                str | None,
-                None,
-                "predict: folder of the predictions file (default <trainer.default_root_dir>/predictions); "
-                "ignored when trainer.callbacks holds a prediction writer.",
-            ),
-            ("filename", str, "predictions.pt", "predict: name of the predictions file (.pt or .npz)."),
-        ]
-        for name, type_, default, help_ in swag_args:
-            group.add_argument(f"--swag.{name}", type=type_, default=default, help=help_)
+        parser.add_class_arguments(SWAGPredictionWriter, "predictions", instantiate=False)
 
     # ------------------------------------------------------------------ instantiation
     def instantiate_classes(self) -> None:
@@ -150,17 +120,21 @@ class SWAGLightningCLI(LightningCLI):
             )
 
     def _parse_ckpt_path(self) -> None:
-        """Apply the checkpoint's model hyperparameters to the config, as ``LightningCLI`` does, also for
-        checkpoints written outside the CLI (``trainer.save_checkpoint`` in a script or notebook): their
-        hyperparameters carry no class path, so they go to the configured model class."""
+        """Apply the checkpoint's model hyperparameters to the config, as ``LightningCLI`` does, with two
+        additions: a damaged checkpoint is a CLI error that names the file, and checkpoints written
+        outside the CLI (``trainer.save_checkpoint`` in a script or notebook), whose hyperparameters
+        carry no class path, go to the configured model class.
+
+        This overrides a private ``LightningCLI`` method (called from its ``__init__`` right after
+        parsing); ``tests/test_cli.py`` fails loudly if Lightning renames or stops calling it."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not os.path.isfile(ckpt_path):
             return
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - not readable as weights: leave it to LightningCLI
-            return super()._parse_ckpt_path()
+            checkpoint = load_file(ckpt_path, "checkpoint")
+        except ValueError as err:
+            self._parser(subcommand).error(f"--ckpt_path: {err}", ex=err)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         model = self.config[subcommand].get("model")
@@ -170,12 +144,6 @@ class SWAGLightningCLI(LightningCLI):
         update = {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}
         self.config = self.parser.parse_object(update, self.config)
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand == "predict" and kwargs.get("return_predictions") is None:
-            kwargs["return_predictions"] = False  # the writer has them; don't also hold them in memory
-        return kwargs
-
     # ------------------------------------------------------------------ subcommand hooks
     def before_test(self) -> None:
         """Wrap the model into ``SWAGModule`` (weights and posterior come from ``--ckpt_path``)."""
@@ -184,34 +152,29 @@ class SWAGLightningCLI(LightningCLI):
     def before_predict(self) -> None:
         """Wrap the model into ``SWAGModule`` and make sure the predictions are written to a file."""
         self._wrap_model("predict")
+        config = self.config_init["predict"]
+        if config.get("return_predictions") is None:
+            config["return_predictions"] = False  # the writer has them; don't also hold them in memory
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
-            swag = self.config_init["predict"]["swag"]
-            output_dir = swag.output_dir or os.path.join(self.trainer.default_root_dir, "predictions")
+            options = dict(self.config_init["predict"]["predictions"])
             try:
-                writer = SWAGPredictionWriter(output_dir=output_dir, filename=swag.filename)
+                writer = SWAGPredictionWriter(**options)
             except ValueError as err:
-                self._parser("predict").error(f"--swag.filename: {err}", ex=err)
+                self._parser("predict").error(f"--predictions: {err}", ex=err)
             self.trainer.callbacks.append(writer)
 
     def _wrap_model(self, subcommand: str) -> None:
         self._check_checkpoint(subcommand)
-        swag = self.config_init[subcommand]["swag"]
+        options = dict(self.config_init[subcommand]["swag"])
         model = self.model
-        task = swag.task or infer_task(model)
-        self.model = SWAGModule(
-            model,
-            posterior=None,
-            num_samples=int(swag.num_samples),
-            scale=float(swag.scale),
-            task=task,
-            covariance=swag.covariance,
-            return_samples=bool(swag.return_samples),
-            seed=None if swag.seed is None else int(swag.seed),
-            chunk_size=None if swag.chunk_size is None else int(swag.chunk_size),
-        )
+        try:
+            self.model = SWAGModule(model, posterior=None, **options)
+        except (ValueError, TypeError) as err:
+            self._parser(subcommand).error(f"--swag: {err}", ex=err)
+        swag = self.model
         rank_zero_info(
             f"lightning-swag {subcommand}: SWAG {swag.covariance} BMA of {type(model).__name__} "
-            f"({task}, {int(swag.num_samples)} samples, scale {float(swag.scale)})"
+            f"({swag.task}, {swag.num_samples} samples, scale {swag.scale})"
         )
 
     def _check_checkpoint(self, subcommand: str) -> None:
@@ -229,15 +192,10 @@ class SWAGLightningCLI(LightningCLI):
         if not os.path.isfile(ckpt_path):
             parser.error(f"--ckpt_path {ckpt_path!r}: no such file.")
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - unreadable here: let the Trainer report it
-            return
-        states = list(checkpoint.get("swag_posteriors") or []) + [
-            state["posterior"]
-            for state in checkpoint.get("callbacks", {}).values()
-            if isinstance(state, dict) and isinstance(state.get("posterior"), dict)
-        ]
-        if not any(int(state.get("num_snapshots", 0)) > 0 for state in states):
+            checkpoint = load_file(ckpt_path, "checkpoint")
+        except ValueError as err:
+            parser.error(f"--ckpt_path: {err}", ex=err)
+        if not any(int(state.get("num_snapshots", 0)) > 0 for state in posterior_states(checkpoint)):
             parser.error(
                 f"--ckpt_path {ckpt_path!r} holds no SWAG posterior with snapshots: it was saved without "
                 "lightning_swag.SWAGCallback in trainer.callbacks, or before the callback's first snapshot "

@@ -1,61 +1,89 @@
 """``SWAGModule``: Bayesian model averaging over SWAG weight samples, as a LightningModule.
 
-Each batch is run through ``num_samples`` weight vectors drawn from the posterior. The forward
-passes are vectorised over samples with ``torch.func.functional_call`` + ``vmap`` (the model is
-never copied), in chunks that keep memory bounded, with a per-sample fallback for models that
-``vmap`` cannot trace.
+Each batch is run through ``num_samples`` weight vectors drawn from the posterior, with
+``torch.func.functional_call`` (the model is never copied or modified), in chunks that keep memory
+bounded; :mod:`lightning_swag.vectorize` decides whether the samples of a chunk run as one
+``vmap`` call or as a loop.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
+from torchmetrics import MeanMetric, MeanSquaredError, Metric
 from tqdm.auto import tqdm
+from typing_extensions import override
 
+from lightning_swag.batches import default_batch_inputs, default_batch_targets
 from lightning_swag.batchnorm import batches_to_use, has_batchnorm, refresh_batchnorm_batched
+from lightning_swag.callback import readable_checkpoint_errors
+from lightning_swag.checkpoint import MODULE_POSTERIORS_KEY, posterior_states
 from lightning_swag.metrics import UncertaintyMetrics, nll
-from lightning_swag.posterior import SWAGPosterior
+from lightning_swag.posterior import SWAGPosterior, canonical_name, derive_seed, unwrap_model
 from lightning_swag.summaries import summarize_classification, summarize_regression
+from lightning_swag.vectorize import OutputTypeError, SampleMap, Vectorize, choose_vectorization
 
-__all__ = ["SWAGModule"]
+__all__ = ["SWAGModule", "infer_task"]
 
 Task = Literal["regression", "classification"]
 Covariance = Literal["low_rank", "diagonal"]
 
-# Upper bound on the bytes of one chunk of sampled weights, used to pick a chunk size; a sampled
-# weight costs about 12 bytes (the float64 draw and its float32 copy).
+# Upper bound on the bytes of one chunk of sampled weights, used to pick a chunk size.
 _CHUNK_BYTES = 256 * 2**20
-_BYTES_PER_SAMPLED_WEIGHT = 12
 # Weight samples of a run are kept between batches when all of them fit in this many bytes;
 # larger sets are redrawn from the same seed for every batch.
 _CACHE_BYTES = 512 * 2**20
+_MAX_SEED = 2**63 - 1
 
 
-def batch_inputs(batch: Any) -> Tensor:
-    """The model input of a batch: its first element for a tuple/list, the batch itself for a tensor."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        f"SWAGModule expects a batch that is a tensor or a tuple/list whose first element is the input "
-        f"tensor; got {type(batch).__name__}. Override SWAGModule.batch_inputs for other layouts."
-    )
+def infer_task(model: nn.Module) -> Task:
+    """The BMA task of ``model``: its ``task`` attribute when it is ``"regression"`` or
+    ``"classification"``, ``"classification"`` for a model with a ``num_classes`` hyperparameter,
+    else ``"regression"``. Used by the CLI and the prediction writer."""
+    task = getattr(model, "task", None)
+    if task in ("regression", "classification"):
+        return task
+    hparams = getattr(model, "hparams", {})
+    return "classification" if "num_classes" in hparams else "regression"
+
+
+class _MetricValue(Metric):
+    """One value of a dict-valued metric (e.g. ``UncertaintyMetrics``), so that Lightning can log it
+    per dataloader with ``self.log``; ``update`` only counts, the source holds the state."""
+
+    full_state_update = False
+
+    def __init__(self, source: Metric, key: str) -> None:
+        super().__init__()
+        self._source = [source]  # a list: not registered as a child module, not synced twice
+        self.key = key
+
+    def update(self) -> None:
+        """Nothing to accumulate: the source metric is updated by its owner."""
+
+    def compute(self) -> Tensor:
+        return self._source[0].compute()[self.key]
+
+    def reset(self) -> None:
+        super().reset()
+        self._source[0].reset()
 
 
 class SWAGModule(L.LightningModule):
     """Bayesian model averaging with SWAG posterior samples, for ``trainer.predict`` / ``trainer.test``.
 
     Args:
-        model: the trained network (any ``nn.Module``/LightningModule whose ``forward`` gives raw
-            outputs; logits for classification). It is used as is and never modified.
+        model: the trained network (any ``nn.Module``/LightningModule, also a ``torch.compile`` one,
+            whose ``forward`` gives raw outputs; logits for classification). It is used as is and
+            never modified.
         posterior: the :class:`SWAGPosterior` collected for ``model`` (e.g. ``swag.posterior``), or
             several independent ones (MultiSWAG: ``num_samples`` are drawn from each). ``None`` if
             it is to be restored from a checkpoint (``trainer.predict(..., ckpt_path=...)``).
@@ -63,22 +91,35 @@ class SWAGModule(L.LightningModule):
         scale: covariance scale (``0.5`` = the paper's ``1/√2``). ``scale=0`` with
             ``num_samples=1`` is exactly the SWA model.
         task: ``"regression"`` (outputs ``mean``, ``std``) or ``"classification"`` (softmax
-            ``mean``, ``std``, ``entropy``, ``mutual_information``).
+            ``mean``, ``std``, ``entropy``, ``mutual_information``); ``None`` infers it from the
+            model (:func:`infer_task`: its ``task`` attribute, or ``"classification"`` when it has a
+            ``num_classes`` hyperparameter, else ``"regression"``).
         covariance: ``"low_rank"`` (full SWAG) or ``"diagonal"`` (SWAG-Diagonal).
         return_samples: also return the per-sample outputs ``samples`` ``[S, B, ...]``.
-        seed: makes the weight samples reproducible. Within one run the same weight samples are
-            used for every batch, so predictions of different batches come from the same models.
-        chunk_size: samples evaluated together in one vectorised call (default: as many as fit in
-            about 256 MiB of weights).
-        vectorize: use ``torch.func.vmap``; set False to force the per-sample loop.
-        bn_loader: training data (a loader of ``(x, ...)`` batches or of tensors, or a
-            LightningDataModule whose ``train_dataloader`` is used) to recompute BatchNorm running
-            statistics for every weight sample before predicting (``torch.optim.swa_utils.update_bn``
-            semantics). Sampled weights were never run forward during training, so without this
-            the model's own, stale statistics are used (a warning says so). The model's own
-            buffers are never modified.
+        seed: an int >= 0 that fixes the weight samples: the same seed gives the same samples
+            whatever ``chunk_size``, the number of batches or of processes. Within one run the same
+            weight samples are used for every batch. ``None`` draws a fresh seed per run (the same
+            on every process under DDP).
+        chunk_size: samples drawn and evaluated together (default: as many as fit in about
+            256 MiB of weights). Memory only: the results do not depend on it.
+        vectorize: how the samples of a chunk run: ``"auto"`` (a loop on the CPU, ``torch.func.vmap``
+            on accelerators; see :mod:`lightning_swag.vectorize`), or force ``"vmap"`` / ``"loop"``
+            (``True``/``False`` mean the same). Both give the same predictions.
+        bn_loader: training data (a loader, or a LightningDataModule whose ``train_dataloader``
+            is used) to recompute BatchNorm running statistics for every weight sample before
+            predicting (``torch.optim.swa_utils.update_bn`` semantics). Sampled weights were never
+            run forward during training, so without this the model's own, stale statistics are used
+            (a warning says so). The model's own buffers are never modified.
         bn_num_batches: use only this many batches (an int) or this fraction (a float in (0, 1])
             of ``bn_loader`` for the refresh.
+        output_transform: maps the model's raw output to the tensor to average, for models whose
+            ``forward`` returns a tuple, a dict or an object (e.g. ``lambda out: out["logits"]``).
+            It runs once per weight sample.
+
+    Batch layout: inputs and targets are found by :meth:`batch_inputs` and :meth:`batch_targets`
+    (default: ``batch[0]`` and ``batch[1]`` of a tuple/list, or a bare input tensor). Override these
+    two methods for other layouts; prediction, ``trainer.test``, :meth:`tune_scale`, the BatchNorm
+    refresh and :class:`~lightning_swag.SWAGPredictionWriter` all use them.
     """
 
     def __init__(
@@ -87,32 +128,52 @@ class SWAGModule(L.LightningModule):
         posterior: SWAGPosterior | Sequence[SWAGPosterior] | None = None,
         num_samples: int = 30,
         scale: float = 0.5,
-        task: Task = "regression",
+        task: Task | None = None,
         covariance: Covariance = "low_rank",
         return_samples: bool = False,
         seed: int | None = None,
         chunk_size: int | None = None,
-        vectorize: bool = True,
+        vectorize: Vectorize | bool = "auto",
         bn_loader: Iterable[Any] | L.LightningDataModule | None = None,
         bn_num_batches: int | float | None = None,
+        output_transform: Callable[[Any], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
-            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}.")
-        if task not in ("regression", "classification"):
-            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}.")
+        _check_scale(scale)
+        if task not in ("regression", "classification", None):
+            raise ValueError(f"task must be 'regression', 'classification' or None, got {task!r}.")
         if covariance not in ("low_rank", "diagonal"):
             raise ValueError(f"covariance must be 'low_rank' or 'diagonal', got {covariance!r}.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
-        self.model = model
+        if seed is not None and (
+            not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1] or None, got {seed!r}.")
+        if vectorize not in ("auto", "vmap", "loop", True, False):
+            raise ValueError(f"vectorize must be 'auto', 'vmap' or 'loop' (or a bool), got {vectorize!r}.")
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(
+                f"output_transform must be callable or None, got {type(output_transform).__name__}."
+            )
+        if bn_num_batches is not None and (
+            isinstance(bn_num_batches, bool)
+            or not isinstance(bn_num_batches, (int, float))
+            or not (bn_num_batches >= 1 if isinstance(bn_num_batches, int) else 0 < bn_num_batches <= 1)
+        ):
+            raise ValueError(
+                f"bn_num_batches must be an int >= 1, a float in (0, 1] or None, got {bn_num_batches!r}."
+            )
+        self.model = unwrap_model(model)
         self.num_samples = num_samples
         self.scale = float(scale)
-        self.task = task
+        self.task: Task = task if task is not None else infer_task(self.model)
         self.covariance = covariance
         self.return_samples = return_samples
         self.seed = seed
@@ -120,22 +181,25 @@ class SWAGModule(L.LightningModule):
         self.vectorize = vectorize
         self.bn_loader = bn_loader
         self.bn_num_batches = bn_num_batches
-        self._has_batchnorm = has_batchnorm(model)
+        self.output_transform = output_transform
+        # canonical parameter name (as the posterior knows it) -> name inside self.model
+        self._model_names = {canonical_name(n): n for n, _ in self.model.named_parameters()}
+        self._has_batchnorm = has_batchnorm(self.model)
         if self._has_batchnorm and bn_loader is None:
             warnings.warn(
-                f"SWAGModule: {type(model).__name__} has BatchNorm layers but no bn_loader was given, so every "
-                "weight sample is run with the running statistics of the trained model, which do not match "
-                "the sampled weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
+                f"SWAGModule: {type(self.model).__name__} has BatchNorm layers but no bn_loader was given, so "
+                "every weight sample is run with the running statistics of the trained model, which do not "
+                "match the sampled weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
                 stacklevel=2,
             )
-        self._bn_cache: dict[int, dict[str, Tensor]] = {}
         self._posteriors: list[SWAGPosterior] = []
         if posterior is not None:
             self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else list(posterior)
+        self._sample_map: SampleMap | None = None
         self._run_seed: int | None = None
         self._sample_cache: list[dict[str, Tensor]] | None = None
-        self._test_metrics: UncertaintyMetrics | None = None
-        self._test_sums: dict[str, Tensor] = {}
+        self._bn_cache: dict[int, dict[str, Tensor]] = {}
+        self._test_metrics = nn.ModuleDict()
 
     # ------------------------------------------------------------------ posteriors
     @property
@@ -157,6 +221,7 @@ class SWAGModule(L.LightningModule):
                 )
             post.check_compatible(self.model)
         self._posteriors = list(posteriors)
+        self.reset_samples()
 
     @property
     def posterior(self) -> SWAGPosterior:
@@ -168,8 +233,19 @@ class SWAGModule(L.LightningModule):
     def total_samples(self) -> int:
         return self.num_samples * len(self._posteriors)
 
+    # ------------------------------------------------------------------ batch layout
+    def batch_inputs(self, batch: Any) -> Any:
+        """The model input of a batch (default: the batch if it is a tensor, else ``batch[0]``).
+        Override for other batch layouts."""
+        return default_batch_inputs(batch)
+
+    def batch_targets(self, batch: Any) -> Any:
+        """The targets of a labelled batch (default: ``batch[1]``). Override for other layouts."""
+        return default_batch_targets(batch)
+
     # ------------------------------------------------------------------ prediction
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    @override
+    def forward(self, x: Any) -> dict[str, Tensor]:
         """BMA summary of the outputs for input ``x`` (see :meth:`predict_step`)."""
         outputs = self.sample_outputs(x)
         summary = (
@@ -181,25 +257,28 @@ class SWAGModule(L.LightningModule):
             summary["samples"] = outputs
         return summary
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """One dict per batch: ``mean``, ``std`` (+ ``entropy``, ``mutual_information`` for
         classification, + ``samples`` when ``return_samples``)."""
         return self(self.batch_inputs(batch))
 
-    def batch_inputs(self, batch: Any) -> Tensor:
-        """Extract the model input from a batch; override for custom batch layouts."""
-        return batch_inputs(batch)
+    @override
+    def setup(self, stage: str) -> None:
+        readable_checkpoint_errors(self.trainer.strategy)
 
+    @override
     def on_predict_start(self) -> None:
         self._start_run()
 
+    @override
     def on_test_start(self) -> None:
         self._start_run()
 
     def _start_run(self) -> None:
         self.reset_samples()
         if self.seed is None and self.trainer.world_size > 1:
-            # Every rank must draw the same weight samples: rank 0 picks the run seed.
+            # Every process must draw the same weight samples: global rank 0 picks the run seed.
             self._run_seed = int(self.trainer.strategy.broadcast(self._fresh_seed(), src=0))
 
     def reset_samples(self) -> None:
@@ -213,7 +292,7 @@ class SWAGModule(L.LightningModule):
         return int(torch.randint(0, 2**62, (1,)).item())
 
     @torch.no_grad()
-    def sample_outputs(self, x: Tensor) -> Tensor:
+    def sample_outputs(self, x: Any) -> Tensor:
         """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]``.
 
         The model runs in eval mode (dropout off, BatchNorm on running statistics); the train/eval
@@ -228,11 +307,12 @@ class SWAGModule(L.LightningModule):
             for module, training in modes.items():
                 module.training = training
 
-    def _sample_outputs(self, x: Tensor) -> Tensor:
+    def _sample_outputs(self, x: Any) -> Tensor:
         chunks = self._sample_cache
         if chunks is None:
             chunks = self.iter_weight_samples()
-            total_bytes = 4 * sum(self.num_samples * post.num_params for post in self._posteriors)
+            itemsize = self._model_dtype().itemsize
+            total_bytes = itemsize * sum(self.num_samples * post.num_params for post in self._posteriors)
             if total_bytes <= _CACHE_BYTES:
                 chunks = self._sample_cache = list(
                     self._progress(chunks, self._num_chunks(), "SWAG: sampling weights (chunks)")
@@ -244,33 +324,39 @@ class SWAGModule(L.LightningModule):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
     def iter_weight_samples(self) -> Iterator[dict[str, Tensor]]:
-        """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device.
+        """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device and dtype.
 
-        The same seed is reused for every batch of a run, so every batch sees the same models.
+        Sample ``i`` of posterior ``j`` is sample ``i`` of the seed ``derive_seed(run seed, j)``
+        (see :meth:`SWAGPosterior.sample`), so neither the chunking nor the batches change it.
         """
         if self._run_seed is None:
             self._run_seed = self.seed if self.seed is not None else self._fresh_seed()
-        param = next(iter(self.model.parameters()))
+        device, dtype = self._model_device(), self._model_dtype()
         for index, post in enumerate(self._posteriors):
-            generator = torch.Generator(device=post.device)
-            generator.manual_seed(self._run_seed + 7919 * index)
+            posterior_seed = derive_seed(self._run_seed, index)
             chunk = self._chunk_size(post)
-            remaining = self.num_samples
-            while remaining > 0:
-                n = min(chunk, remaining)
+            for start in range(0, self.num_samples, chunk):
                 flat = post.sample(
-                    n,
+                    min(chunk, self.num_samples - start),
                     scale=self.scale,
-                    generator=generator,
+                    seed=posterior_seed,
+                    first_sample=start,
                     diagonal_only=self.covariance == "diagonal",
+                    dtype=dtype,
+                    device=device,
                 )
-                yield post.unflatten(flat.to(dtype=param.dtype, device=param.device))
-                remaining -= n
+                yield {self._model_names[n]: v for n, v in post.unflatten(flat).items()}
+
+    def _model_device(self) -> torch.device:
+        return next(iter(self.model.parameters())).device
+
+    def _model_dtype(self) -> torch.dtype:
+        return next(iter(self.model.parameters())).dtype
 
     def _chunk_size(self, post: SWAGPosterior) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        budget = _CHUNK_BYTES // (_BYTES_PER_SAMPLED_WEIGHT * post.num_params)
+        budget = _CHUNK_BYTES // (self._model_dtype().itemsize * post.num_params)
         return max(1, min(self.num_samples, budget))
 
     def _num_chunks(self) -> int:
@@ -278,7 +364,7 @@ class SWAGModule(L.LightningModule):
 
     def _progress(self, iterable: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
         """A progress bar over ``iterable`` while a Trainer with a progress bar runs this module
-        (rank zero only), shown only when there is more than one step."""
+        (global rank zero only), shown only when there is more than one step."""
         trainer = self._trainer
         show = (
             trainer is not None
@@ -297,7 +383,7 @@ class SWAGModule(L.LightningModule):
         if not self._has_batchnorm or self.bn_loader is None:
             return {}
         if chunk_index not in self._bn_cache:
-            loader = self._resolve_bn_loader()
+            loader = self._resolve_loader(self.bn_loader, "train")
             total = len(loader) if hasattr(loader, "__len__") else None
             limit = batches_to_use(loader, self.bn_num_batches)
             if limit is not None:
@@ -308,94 +394,129 @@ class SWAGModule(L.LightningModule):
                 self._progress(loader, total, f"SWAG: BatchNorm refresh, sample chunk {chunk_index + 1}"),
                 self.bn_num_batches,
                 batch_inputs=self.batch_inputs,
-                vectorize=self.vectorize,
+                vectorize=self._mapper().mode,
             )
         return self._bn_cache[chunk_index]
 
-    def _resolve_bn_loader(self) -> Iterable[Any]:
-        loader = self.bn_loader
-        if isinstance(loader, L.LightningDataModule):
-            loader.prepare_data()
-            loader.setup("fit")
-            loader = loader.train_dataloader()
-        assert loader is not None
-        return loader
+    @staticmethod
+    def _resolve_loader(source: Any, split: Literal["train", "val"]) -> Iterable[Any]:
+        """A loader, or a DataModule's training / validation loader."""
+        if isinstance(source, L.LightningDataModule):
+            source.prepare_data()
+            source.setup("fit")
+            return source.train_dataloader() if split == "train" else source.val_dataloader()
+        return source
 
-    def _forward_chunk(self, sampled: dict[str, Tensor], x: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+    def _mapper(self) -> SampleMap:
+        if self._sample_map is None:
+            self._sample_map = SampleMap(
+                choose_vectorization(self.vectorize, self._model_device()), "SWAGModule"
+            )
+        return self._sample_map
+
+    def _model_output(self, raw: Any) -> Tensor:
+        """The tensor to average from one forward pass (through ``output_transform`` when given)."""
+        if self.output_transform is not None:
+            raw = self.output_transform(raw)
+        if not isinstance(raw, Tensor):
+            hint = (
+                "output_transform returned"
+                if self.output_transform is not None
+                else f"{type(self.model).__name__}.forward returned"
+            )
+            raise OutputTypeError(
+                f"SWAGModule averages tensors, but {hint} a {type(raw).__name__}. Pass "
+                "SWAGModule(..., output_transform=f) with f mapping the model's output to the tensor to average, "
+                "e.g. output_transform=lambda out: out[0] or lambda out: out['logits']."
+            )
+        return raw
+
+    def _forward_chunk(self, sampled: dict[str, Tensor], x: Any, buffers: dict[str, Tensor]) -> Tensor:
         base = {name: p.detach() for name, p in self.model.named_parameters()}
         base.update(dict(self.model.named_buffers()))
 
-        def run_one(weights: dict[str, Tensor], bufs: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            return functional_call(self.model, {**base, **weights, **bufs}, (inputs,))
+        def run_sample(weights: dict[str, Tensor], bufs: dict[str, Tensor], inputs: Any) -> Tensor:
+            return self._model_output(functional_call(self.model, {**base, **weights, **bufs}, (inputs,)))
 
-        if self.vectorize:
-            try:
-                return vmap(run_one, in_dims=(0, 0, None))(sampled, buffers, x)
-            except Exception as err:  # noqa: BLE001 - any tracing failure falls back to the loop
-                warnings.warn(
-                    f"SWAGModule: torch.func.vmap could not run {type(self.model).__name__} ({err}); "
-                    "falling back to one forward pass per sample. Pass vectorize=False to silence this.",
-                    stacklevel=2,
-                )
-                self.vectorize = False
-        n = next(iter(sampled.values())).shape[0]
-        return torch.stack(
-            [
-                run_one({k: v[i] for k, v in sampled.items()}, {k: v[i] for k, v in buffers.items()}, x)
-                for i in range(n)
-            ]
-        )
+        return self._mapper()(run_sample, sampled, buffers, x, model_name=type(self.model).__name__)
 
     # ------------------------------------------------------------------ test metrics
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """BMA on a labelled batch ``(x, y, ...)``; metrics are logged at the end of the test epoch.
+        """BMA on a labelled batch; metrics are logged per test dataloader at the end of the epoch.
 
         Classification: ``test_accuracy``, ``test_nll``, ``test_brier``, ``test_ece`` (15 bins),
         ``test_entropy`` and ``test_mutual_information`` of the BMA probabilities.
-        Regression: ``test_rmse`` of the BMA mean and ``test_mean_std``.
+        Regression: ``test_rmse`` of the BMA mean and ``test_mean_std``. With several test
+        dataloaders the names get Lightning's ``/dataloader_idx_<k>`` suffix, and each loader's
+        values are those of testing it alone.
         """
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("SWAGModule.test_step needs labelled batches (inputs, targets, ...).")
-        targets = batch[1]
+        targets = self.batch_targets(batch)
         out = self(self.batch_inputs(batch))
+        metrics = self._test_metrics_for(dataloader_idx, out)
         if self.task == "classification":
-            if self._test_metrics is None:
-                self._test_metrics = UncertaintyMetrics(num_classes=out["mean"].shape[-1]).to(self.device)
-            self._test_metrics.update(out["mean"], targets)
-            self._accumulate("mutual_information", out["mutual_information"].sum(), len(targets))
+            metrics["probabilities"].update(out["mean"], targets)
+            metrics["mutual_information"].update(out["mutual_information"])
+            for key in ("accuracy", "nll", "brier", "ece", "entropy"):
+                metrics[key].update()
         else:
-            error = (out["mean"] - targets.reshape(out["mean"].shape)).square().sum()
-            self._accumulate("squared_error", error, targets.numel())
-            self._accumulate("std", out["std"].sum(), targets.numel())
+            targets = self._regression_targets(targets, out["mean"])
+            metrics["rmse"].update(out["mean"], targets)
+            metrics["mean_std"].update(out["std"])
+        for key, metric in metrics.items():
+            if key != "probabilities":
+                self.log(
+                    f"test_{key}",
+                    metric,
+                    on_step=False,
+                    on_epoch=True,
+                    metric_attribute=f"_test_metrics.{dataloader_idx}.{key}",
+                )
         return out
 
+    @override
     def on_test_epoch_start(self) -> None:
-        self._test_sums = {}
-        if self._test_metrics is not None:
-            self._test_metrics.reset()
+        self._test_metrics = nn.ModuleDict()
 
-    def on_test_epoch_end(self) -> None:
-        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._test_sums.items()}
-        logged: dict[str, Tensor] = {}
-        if self._test_metrics is not None:
-            logged.update(self._test_metrics.compute())
-            logged["mutual_information"] = sums["mutual_information"] / sums["mutual_information_count"]
-        if "squared_error" in sums:
-            logged["rmse"] = (sums["squared_error"] / sums["squared_error_count"]).sqrt()
-            logged["mean_std"] = sums["std"] / sums["std_count"]
-        self.log_dict({f"test_{k}": v.float() for k, v in logged.items()}, sync_dist=False)
+    def _test_metrics_for(self, dataloader_idx: int, out: dict[str, Tensor]) -> nn.ModuleDict:
+        key = str(dataloader_idx)
+        if key not in self._test_metrics:
+            if self.task == "classification":
+                probabilities = UncertaintyMetrics(num_classes=out["mean"].shape[-1])
+                metrics: dict[str, Metric] = {"probabilities": probabilities}
+                metrics.update(
+                    {
+                        k: _MetricValue(probabilities, k)
+                        for k in ("accuracy", "nll", "brier", "ece", "entropy")
+                    }
+                )
+                metrics["mutual_information"] = MeanMetric()
+            else:
+                metrics = {"rmse": MeanSquaredError(squared=False), "mean_std": MeanMetric()}
+            self._test_metrics[key] = nn.ModuleDict(metrics).to(out["mean"].device)
+        return self._test_metrics[key]  # type: ignore[return-value]
 
-    def _accumulate(self, name: str, value: Tensor, count: int) -> None:
-        value = value.detach().double()
-        self._test_sums[name] = self._test_sums.get(name, 0) + value
-        self._test_sums[f"{name}_count"] = self._test_sums.get(f"{name}_count", 0) + torch.tensor(
-            float(count), dtype=torch.float64, device=value.device
+    @staticmethod
+    def _regression_targets(targets: Tensor, mean: Tensor) -> Tensor:
+        if targets.shape == mean.shape:
+            return targets
+        if (
+            targets.numel() == mean.numel()
+            and targets.shape[0] == mean.shape[0]
+            and mean.shape[1:].numel() == 1
+        ):
+            return targets.reshape(mean.shape)  # [B] targets for [B, 1] outputs
+        raise ValueError(
+            f"Regression targets of shape {tuple(targets.shape)} do not match the model's outputs of shape "
+            f"{tuple(mean.shape)}: give one target per output (or override SWAGModule.batch_targets)."
         )
 
     # ------------------------------------------------------------------ scale selection
     @torch.no_grad()
     def tune_scale(
-        self, dataloader: Iterable[Any], scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0)
+        self,
+        dataloader: Iterable[Any] | L.LightningDataModule,
+        scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
     ) -> dict[float, float]:
         """Set ``scale`` to the candidate with the lowest BMA negative log-likelihood on held-out data.
 
@@ -405,8 +526,9 @@ class SWAGModule(L.LightningModule):
         differs), so the comparison is not blurred by sampling noise.
 
         Args:
-            dataloader: labelled held-out batches ``(inputs, targets, ...)``; they are kept in
-                memory while the candidates are scored.
+            dataloader: labelled held-out batches (read with :meth:`batch_inputs` and
+                :meth:`batch_targets`; kept in memory while the candidates are scored), or a
+                LightningDataModule whose ``val_dataloader`` is used.
             scales: candidate scales (each ``>= 0``). A warning says so when the best one is the
                 largest (or the smallest non-zero) candidate.
 
@@ -423,12 +545,11 @@ class SWAGModule(L.LightningModule):
         if not candidates or not all(math.isfinite(s) and s >= 0 for s in candidates):
             raise ValueError(f"scales must be a non-empty sequence of finite numbers >= 0, got {scales!r}.")
         self._require_posteriors()
-        device = next(iter(self.model.parameters())).device
+        device = self._model_device()
         batches = []
-        for batch in dataloader:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError("tune_scale needs labelled batches (inputs, targets, ...).")
-            batches.append((self.batch_inputs(batch).to(device), batch[1].to(device)))
+        for batch in self._resolve_loader(dataloader, "val"):
+            targets = self.batch_targets(batch)
+            batches.append((self._to_device(self.batch_inputs(batch), device), targets.to(device)))
         if not batches:
             raise ValueError("tune_scale got an empty dataloader.")
         run_seed = self.seed if self.seed is not None else self._fresh_seed()
@@ -453,10 +574,18 @@ class SWAGModule(L.LightningModule):
             )
         return scores
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["swag_posteriors"] = [post.state_dict() for post in self._posteriors]
+    @staticmethod
+    def _to_device(data: Any, device: torch.device) -> Any:
+        from lightning.pytorch.utilities import move_data_to_device
 
+        return move_data_to_device(data, device)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[MODULE_POSTERIORS_KEY] = [post.state_dict() for post in self._posteriors]
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Accept a checkpoint of the wrapped model's own training run (with SWAGCallback state) as
         well as a SWAGModule checkpoint: the model weights and the posterior(s) are restored."""
@@ -466,13 +595,15 @@ class SWAGModule(L.LightningModule):
             prefixed = {f"model.{k}": v for k, v in state.items()}
             if set(prefixed) <= own_keys:
                 checkpoint["state_dict"] = prefixed
-        posterior_states = checkpoint.get("swag_posteriors") or [
-            value["posterior"]
-            for value in checkpoint.get("callbacks", {}).values()
-            if isinstance(value, dict) and isinstance(value.get("posterior"), dict)
-        ]
-        if posterior_states:
-            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu") for s in posterior_states]
+        states = posterior_states(checkpoint)
+        if states:
+            if self._posteriors:
+                rank_zero_warn(
+                    f"SWAGModule: the checkpoint's {len(states)} posterior(s) replaces the posterior(s) given "
+                    "to SWAGModule; build SWAGModule(model, posterior=None) to restore from the checkpoint "
+                    "silently, or leave out ckpt_path to keep yours."
+                )
+            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu") for s in states]
         elif not self._posteriors:
             raise RuntimeError(
                 "The checkpoint holds no SWAG posterior (it was not saved by a Trainer with SWAGCallback, "
@@ -486,3 +617,10 @@ class SWAGModule(L.LightningModule):
                 "SWAGModule has no posterior: pass posterior=swag.posterior, or restore it with "
                 "trainer.predict(module, ckpt_path=...) from a checkpoint written with SWAGCallback."
             )
+
+
+def _check_scale(scale: Any) -> None:
+    if isinstance(scale, bool) or not (
+        isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0
+    ):
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}.")

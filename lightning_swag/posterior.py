@@ -14,19 +14,71 @@ is the paper's ``1/√2`` applied to both terms.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 import os
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SWAGPosterior", "select_parameters"]
+from lightning_swag.checkpoint import is_posterior_state, load_file
 
-_FORMAT_VERSION = 1
-# Columns of the deviation buffer converted to the moment dtype at a time while sampling.
+__all__ = [
+    "StandardNormalTiles",
+    "SWAGPosterior",
+    "canonical_name",
+    "derive_seed",
+    "select_parameters",
+    "unwrap_model",
+]
+
+_FORMAT_VERSION = 2
+# Columns of the deviation buffer converted to another dtype at a time while sampling.
 _SAMPLE_BLOCK = 2**18
+NOISE_BLOCK = 2**20
+"""Columns of the flat weight vector whose diagonal noise is drawn from one random stream (see
+:meth:`SWAGPosterior.sample`). Fixed, so that any contiguous part of the vector can draw exactly its
+own noise."""
+NOISE_TILE = 2**16
+"""Random numbers drawn per stream at least: for small models one stream serves several samples."""
+_LOW_RANK_STREAM = -1
+# Name segments that wrappers insert between a module and its parameters: torch.compile
+# (``_orig_mod``), FSDP1 and activation checkpointing. They never belong to a posterior's names.
+_WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the segments wrappers insert (``net._orig_mod.0.weight`` → ``net.0.weight``)."""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+    return ".".join(parts)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` / ``DistributedDataParallel`` / ``DataParallel`` wrapper holds
+    (repeatedly), or ``model`` itself. The wrapper shares its parameters with the inner module."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def named_tracked(model: nn.Module) -> dict[str, Tensor]:
+    """``{canonical name: parameter}`` of every parameter of ``model`` (wrappers unwrapped)."""
+    return {canonical_name(n): p for n, p in unwrap_model(model).named_parameters()}
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every one of ``values`` (a hash, so nearby inputs give unrelated
+    seeds): the random stream of one weight sample, or of one posterior of a MultiSWAG run."""
+    packed = struct.pack(f"<{len(values)}q", *values)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
 
 
 def select_parameters(
@@ -34,13 +86,16 @@ def select_parameters(
 ) -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs SWAG tracks, in ``model.parameters()`` order.
 
+    Names are canonical: wrapper segments such as torch.compile's ``_orig_mod.`` are removed, so a
+    posterior collected from a compiled model applies to the plain one and vice versa.
+
     Args:
         model: the network.
         include: ``None`` tracks every parameter with ``requires_grad=True``. Otherwise names or
             shell-style patterns (``"head.*"``, ``"*.weight"``) matched against the parameter
             name; a module name (``"classifier"``) selects all of its parameters.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in named_tracked(model).items() if p.requires_grad]
     if include is None:
         selected = named
     else:
@@ -63,6 +118,83 @@ def select_parameters(
     return selected
 
 
+class StandardNormalTiles:
+    """The standard normal noise of one seed, as a table addressed by (sample index, column).
+
+    Sampling needs, for sample ``i``, diagonal noise ``z₁[i, :P]`` and low-rank noise ``z₂[i, :k]``.
+    Both tables are cut into tiles, each drawn from its own random stream seeded by
+    ``derive_seed(seed, tile row, tile column)``: a tile spans ``min(P, NOISE_BLOCK)`` columns and
+    as many samples as keep it near :data:`NOISE_TILE` numbers (one sample per tile for models of
+    65k weights or more). Any chunk of samples, and any contiguous range of columns (a shard of the
+    weights), draws exactly its part of the same table, so a seed fixes the samples whatever the
+    chunking or the sharding. The most recently drawn tile is kept for the next chunk.
+
+    Args:
+        seed: the seed of the table.
+        num_params: ``P``, the length of the whole flat weight vector (all shards together).
+        rank: ``k``, the columns of the low-rank table.
+        device: where the noise is drawn (its generator's device).
+    """
+
+    def __init__(self, seed: int, num_params: int, rank: int, device: torch.device | str) -> None:
+        self.seed = seed
+        self.num_params = num_params
+        self.rank = rank
+        self.device = torch.device(device)
+        self.cols_per_tile = min(num_params, NOISE_BLOCK)
+        self.rows_per_tile = max(1, NOISE_TILE // self.cols_per_tile)
+        self._generator = torch.Generator(device=self.device)
+        self._last: tuple[tuple[int, int], Tensor] | None = None
+
+    def _tile(self, row: int, col: int) -> Tensor:
+        """Tile (row, col) of the diagonal table (col = -1: the low-rank table), drawn or cached."""
+        key = (row, col)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if col == _LOW_RANK_STREAM:
+            width = self.rank
+        else:
+            width = min(self.cols_per_tile, self.num_params - col * self.cols_per_tile)
+        self._generator.manual_seed(derive_seed(self.seed, row, col))
+        tile = torch.randn(self.rows_per_tile, width, generator=self._generator, device=self.device)
+        self._last = (key, tile)
+        return tile
+
+    def diagonal(self, out: Tensor, first_sample: int, first_column: int = 0) -> Tensor:
+        """Fill ``out`` ``[n, c]`` with ``z₁[first_sample : first_sample + n, first_column : first_column + c]``."""
+        rows, cols = out.shape
+        rpt, cpt = self.rows_per_tile, self.cols_per_tile
+        for tile_row in range(first_sample // rpt, (first_sample + rows - 1) // rpt + 1):
+            r0, r1 = max(first_sample, tile_row * rpt), min(first_sample + rows, (tile_row + 1) * rpt)
+            for tile_col in range(first_column // cpt, (first_column + cols - 1) // cpt + 1):
+                c0, c1 = max(first_column, tile_col * cpt), min(first_column + cols, (tile_col + 1) * cpt)
+                target = out[r0 - first_sample : r1 - first_sample, c0 - first_column : c1 - first_column]
+                full = rpt == 1 and c0 == tile_col * cpt and c1 - c0 == min(cpt, self.num_params - c0)
+                if full and target.dtype == torch.float32 and target.is_contiguous():
+                    # A whole one-sample tile: draw it straight into place (same numbers as _tile).
+                    self._generator.manual_seed(derive_seed(self.seed, tile_row, tile_col))
+                    torch.randn(target.shape, generator=self._generator, out=target)
+                else:
+                    tile = self._tile(tile_row, tile_col)
+                    target.copy_(
+                        tile[
+                            r0 - tile_row * rpt : r1 - tile_row * rpt,
+                            c0 - tile_col * cpt : c1 - tile_col * cpt,
+                        ]
+                    )
+        return out
+
+    def low_rank(self, first_sample: int, num_samples: int) -> Tensor:
+        """``z₂[first_sample : first_sample + num_samples, :k]`` (float32)."""
+        rpt = self.rows_per_tile
+        parts = []
+        for tile_row in range(first_sample // rpt, (first_sample + num_samples - 1) // rpt + 1):
+            r0 = max(first_sample, tile_row * rpt)
+            r1 = min(first_sample + num_samples, (tile_row + 1) * rpt)
+            parts.append(self._tile(tile_row, _LOW_RANK_STREAM)[r0 - tile_row * rpt : r1 - tile_row * rpt])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class SWAGPosterior:
     """Running SWAG moments and deviation buffer for a fixed set of named parameters.
 
@@ -71,16 +203,20 @@ class SWAGPosterior:
     are matched by **name**, never by position, so a posterior can only be applied to a model with
     the same names and shapes.
 
-    Memory: ``P`` tracked parameters and rank ``K`` take ``2·P`` moment elements (float64 by
-    default, 16·P bytes) plus ``K·P`` deviation elements (float32 by default, 4·K·P bytes) plus one
-    ``P`` scratch vector in the moment dtype.
+    The moments are updated with Welford's method: the running mean and the sum of squared
+    deviations from it, so the variance keeps its precision even in float32, where
+    ``E[θ²] − E[θ]²`` would cancel for weights that move little around a large value.
+
+    Memory (see :attr:`nbytes`): ``P`` tracked parameters and rank ``K`` take ``2·P`` moment
+    elements (float64 by default, 16·P bytes), ``K·P`` deviation elements (float32 by default,
+    4·K·P bytes) and one ``P`` scratch vector in the moment dtype; sampling in float32 adds a cached
+    float32 mean and standard deviation (8·P bytes).
 
     Args:
         param_shapes: ordered ``{name: shape}`` of the tracked parameters. Use :meth:`from_model`
             to build it from a network.
         max_rank: number of deviation columns kept (``K``); ``0`` gives SWAG-Diagonal.
-        moment_dtype: dtype of the mean and second moment (float64 avoids cancellation in
-            ``E[θ²] − E[θ]²``).
+        moment_dtype: dtype of the mean and the sum of squared deviations.
         deviation_dtype: dtype of the deviation buffer.
         device: where statistics live (e.g. ``"cpu"`` to keep them off the GPU).
 
@@ -91,7 +227,7 @@ class SWAGPosterior:
         ...     with torch.no_grad():
         ...         _ = net.weight.add_(0.1)
         ...     post.collect(net)
-        >>> post.num_snapshots, post.rank, post.sample(10).shape
+        >>> post.num_snapshots, post.rank, post.sample(10, seed=0).shape
         (4, 4, torch.Size([10, 8]))
     """
 
@@ -111,18 +247,21 @@ class SWAGPosterior:
         for dtype_name, dtype in (("moment_dtype", moment_dtype), ("deviation_dtype", deviation_dtype)):
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 raise ValueError(f"{dtype_name} must be a floating torch.dtype, got {dtype!r}.")
-        self.param_shapes: dict[str, torch.Size] = {n: torch.Size(s) for n, s in param_shapes.items()}
+        self.param_shapes: dict[str, torch.Size] = {
+            canonical_name(n): torch.Size(s) for n, s in param_shapes.items()
+        }
         self.param_numels: list[int] = [math.prod(s) for s in self.param_shapes.values()]
         self.num_params = sum(self.param_numels)
         self.max_rank = max_rank
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._mean = torch.zeros(self.num_params, dtype=moment_dtype, device=device)
-        self._sq_mean = torch.zeros_like(self._mean)
+        self._sum_sq_dev = torch.zeros_like(self._mean)
         self._scratch = torch.empty_like(self._mean)
         self._scratch_views = list(self._split(self._scratch))
         # The ring buffer of deviations: allocated once, row ``n % max_rank`` written by snapshot n.
         self._deviations = torch.zeros(max_rank, self.num_params, dtype=deviation_dtype, device=device)
         self._num_snapshots = 0
+        self._sampling_cache: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -141,6 +280,13 @@ class SWAGPosterior:
         ``device`` defaults to the device of the model's first tracked parameter.
         """
         selected = select_parameters(model, include)
+        uninitialized = [n for n, p in selected if isinstance(p, nn.parameter.UninitializedParameter)]
+        if uninitialized:
+            raise ValueError(
+                f"Parameters {uninitialized[:5]} of {type(model).__name__} are not initialized yet (lazy "
+                "modules such as nn.LazyLinear learn their shape at the first forward pass). Run one "
+                "forward pass before building the posterior."
+            )
         if device is None:
             device = selected[0][1].device
         return cls(
@@ -179,22 +325,29 @@ class SWAGPosterior:
         return min(self._num_snapshots, self.max_rank)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held by this posterior's statistics on its device (moments, scratch, deviation
+        buffer and any cached float32 sampling moments)."""
+        tensors = [self._mean, self._sum_sq_dev, self._scratch, self._deviations]
+        tensors += [t for pair in self._sampling_cache.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def mean(self) -> Tensor:
         """The SWA weights ``θ̄`` as a flat ``[P]`` tensor (a copy)."""
         self._require_snapshots("mean")
         return self._mean.clone()
 
     @property
-    def second_moment(self) -> Tensor:
-        """``E[θ²]`` as a flat ``[P]`` tensor (a copy)."""
-        self._require_snapshots("second_moment")
-        return self._sq_mean.clone()
+    def variance(self) -> Tensor:
+        """Diagonal variance ``(1/n) Σ (θ_i − θ̄)²`` (the population variance of the snapshots)."""
+        self._require_snapshots("variance")
+        return self._sum_sq_dev / self._num_snapshots
 
     @property
-    def variance(self) -> Tensor:
-        """Diagonal variance ``E[θ²] − E[θ]²``, clamped at 0 against round-off."""
-        self._require_snapshots("variance")
-        return (self._sq_mean - self._mean.square()).clamp_(min=0)
+    def second_moment(self) -> Tensor:
+        """``E[θ²] = var + θ̄²`` as a flat ``[P]`` tensor."""
+        return self.variance + self._mean.square()
 
     @property
     def deviations(self) -> Tensor:
@@ -220,7 +373,10 @@ class SWAGPosterior:
             KeyError / ValueError: when a tracked parameter is missing or has another shape.
             FloatingPointError: when a weight is NaN or infinite (the snapshot is not added).
         """
-        named = dict(model.named_parameters()) if isinstance(model, nn.Module) else dict(model)
+        if isinstance(model, nn.Module):
+            named = named_tracked(model)
+        else:
+            named = {canonical_name(n): t for n, t in model.items()}
         tensors = []
         for name, shape in self.param_shapes.items():
             tensor = named.get(name)
@@ -261,15 +417,17 @@ class SWAGPosterior:
                 f"Snapshot {self._num_snapshots + 1} has NaN or infinite weights in {', '.join(bad)}; "
                 "it was not added to the posterior. Lower the learning rate or clip gradients."
             )
-        n = self._num_snapshots
-        weight = 1.0 / (n + 1)
-        self._mean.lerp_(theta, weight)
-        self._sq_mean.mul_(1.0 - weight).addcmul_(theta, theta, value=weight)
+        n = self._num_snapshots + 1
+        # Welford: δ = θ − θ̄_old; θ̄ += δ/n; M2 += δ·(θ − θ̄_new) = δ²·(n−1)/n. The deviation row of
+        # the paper, θ − θ̄_new, is δ·(n−1)/n. No E[θ²] is ever formed, so nothing cancels.
+        delta = theta.sub_(self._mean)
+        self._mean.add_(delta, alpha=1.0 / n)
+        delta.mul_((n - 1) / n)  # now θ − θ̄_new
+        self._sum_sq_dev.addcmul_(delta, delta, value=n / (n - 1) if n > 1 else 0.0)
         if self.max_rank > 0:
-            # deviation from the running mean right after adding θ (as in the paper).
-            theta.sub_(self._mean)
-            self._deviations[n % self.max_rank].copy_(theta)
-        self._num_snapshots = n + 1
+            self._deviations[(n - 1) % self.max_rank].copy_(delta)
+        self._num_snapshots = n
+        self._sampling_cache.clear()
 
     # ------------------------------------------------------------------ sampling
     def sample(
@@ -278,54 +436,94 @@ class SWAGPosterior:
         scale: float = 0.5,
         generator: torch.Generator | None = None,
         *,
+        seed: int | None = None,
+        first_sample: int = 0,
         diagonal_only: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
         """Draw flat weight vectors ``[num_samples, P]`` from the SWAG Gaussian.
 
+        The noise of a seed is a fixed table, addressed by sample index (``first_sample``,
+        ``first_sample + 1``, ...) and column (see :class:`StandardNormalTiles`), so sample ``i`` of a
+        seed is the same whether it is drawn alone or with others, in any chunking.
+
         Args:
             num_samples: how many weight vectors.
             scale: covariance scale; ``0.5`` is the paper's ``1/√2`` on the standard deviation.
                 ``0`` returns the SWA mean.
-            generator: random source (on the posterior's device); the global RNG is used when
-                ``None``, and is never reseeded.
+            generator: a random source to draw the seed from, when ``seed`` is not given (on any
+                device). Without both, the global RNG supplies the seed; it is never reseeded.
+            seed: the seed of the samples (an int >= 0); exclusive with ``generator``.
+            first_sample: index of the first sample in the seed's sequence.
             diagonal_only: ignore the low-rank term (SWAG-Diagonal).
-            dtype: dtype of the result (default: the moment dtype).
+            dtype: dtype of the result (default: the moment dtype). Float32 results are computed in
+                float32 from float32 copies of the mean and standard deviation (cached until the
+                next snapshot), float64 ones in float64.
             device: where to put the result (default: the posterior's device).
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
-        if not scale >= 0 or not math.isfinite(scale):
+        if not isinstance(scale, (int, float)) or not scale >= 0 or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number >= 0, got {scale!r}.")
+        if not isinstance(first_sample, int) or first_sample < 0:
+            raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}.")
         self._require_snapshots("sample")
+        seed = self._resolve_seed(seed, generator)
         out_dtype = dtype or self.moment_dtype
-        mean = self._mean
+        compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        mean, std = self._sampling_moments(compute_dtype)
         if scale == 0:
             samples = mean.expand(num_samples, -1).clone()
         else:
-            # Memory: only the [S, P] result. z₁ is drawn straight into it, √var is computed in the
-            # scratch vector (overwritten by the next collect), and the low-rank term is added
-            # in column blocks, so neither a float64 copy of the [K, P] deviations nor an [S, P]
-            # temporary is made.
-            samples = torch.randn(
-                num_samples, self.num_params, generator=generator, device=self.device, dtype=mean.dtype
-            )
-            std = self._scratch
-            torch.mul(mean, mean, out=std)
-            torch.sub(self._sq_mean, std, out=std).clamp_(min=0).sqrt_()
+            noise = StandardNormalTiles(seed, self.num_params, self.rank, self.device)
+            samples = torch.empty(num_samples, self.num_params, dtype=compute_dtype, device=self.device)
+            noise.diagonal(samples, first_sample)
             samples.mul_(std)
             k = self.rank
             if k >= 2 and not diagonal_only:
-                z2 = torch.randn(num_samples, k, generator=generator, device=self.device, dtype=mean.dtype)
-                # Rows of the ring buffer in any order give the same D̂ᵀD̂; no reordering needed.
-                deviations = self._deviations[:k]
-                alpha = 1.0 / math.sqrt(k - 1)
-                for start in range(0, self.num_params, _SAMPLE_BLOCK):
-                    cols = slice(start, start + _SAMPLE_BLOCK)
-                    samples[:, cols].addmm_(z2, deviations[:, cols].to(mean.dtype), alpha=alpha)
+                z2 = noise.low_rank(first_sample, num_samples).to(compute_dtype)
+                self._add_low_rank(samples, z2, k)
             samples.mul_(math.sqrt(scale)).add_(mean)
         return samples.to(dtype=out_dtype, device=device or self.device)
+
+    @staticmethod
+    def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("Give either seed or generator, not both.")
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+            return seed
+        draw = torch.randint(
+            0, 2**62, (1,), generator=generator, device=generator.device if generator else None
+        )
+        return int(draw.item())
+
+    def _sampling_moments(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The mean and standard deviation in ``dtype``: the scratch vector holds the std when
+        ``dtype`` is the moment dtype; other dtypes are converted once and cached until the next
+        snapshot."""
+        if dtype == self.moment_dtype:
+            std = torch.div(self._sum_sq_dev, self._num_snapshots, out=self._scratch).sqrt_()
+            return self._mean, std
+        if dtype not in self._sampling_cache:
+            std = (self._sum_sq_dev / self._num_snapshots).sqrt_().to(dtype)
+            self._sampling_cache[dtype] = (self._mean.to(dtype), std)
+        return self._sampling_cache[dtype]
+
+    def _add_low_rank(self, samples: Tensor, z2: Tensor, k: int) -> None:
+        """``samples += z₂ D̂ / √(k − 1)``, converting the deviations in column blocks only when their
+        dtype differs from the samples' (never a full converted copy of the ``[K, P]`` buffer)."""
+        # Rows of the ring buffer in any order give the same D̂ᵀD̂; no reordering needed.
+        deviations = self._deviations[:k]
+        alpha = 1.0 / math.sqrt(k - 1)
+        if deviations.dtype == samples.dtype:
+            samples.addmm_(z2, deviations, alpha=alpha)
+            return
+        for start in range(0, self.num_params, _SAMPLE_BLOCK):
+            cols = slice(start, start + _SAMPLE_BLOCK)
+            samples[:, cols].addmm_(z2, deviations[:, cols].to(samples.dtype), alpha=alpha)
 
     def covariance_factors(self, diagonal_only: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(variance, D̂ / √(k−1))`` so that the covariance is ``diag(var) + LᵀL`` (``L`` may be None)."""
@@ -352,7 +550,7 @@ class SWAGPosterior:
     def flatten(self, model: nn.Module) -> Tensor:
         """The tracked parameters of ``model`` as one flat vector (a copy)."""
         self.check_compatible(model)
-        named = dict(model.named_parameters())
+        named = named_tracked(model)
         return torch.cat([named[n].detach().reshape(-1) for n in self.param_shapes])
 
     def load_into(self, model: nn.Module, flat: Tensor | None = None) -> nn.Module:
@@ -360,7 +558,7 @@ class SWAGPosterior:
         self.check_compatible(model)
         if flat is None:
             flat = self.mean
-        named = dict(model.named_parameters())
+        named = named_tracked(model)
         with torch.no_grad():
             for name, value in self.unflatten(flat).items():
                 named[name].copy_(value)
@@ -368,7 +566,7 @@ class SWAGPosterior:
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise a ``ValueError`` that names the mismatch when ``model`` does not fit this posterior."""
-        named = dict(model.named_parameters())
+        named = named_tracked(model)
         missing = [n for n in self.param_shapes if n not in named]
         wrong = [
             f"{n}: model {tuple(named[n].shape)} vs posterior {tuple(s)}"
@@ -390,20 +588,25 @@ class SWAGPosterior:
 
     # ------------------------------------------------------------------ serialization
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to rebuild this posterior; tensors are stored as they live."""
+        """Everything needed to rebuild this posterior; tensors are stored as they live.
+
+        Format 2 (this version) stores the Welford sum of squared deviations ``sum_sq_dev``; format 1
+        files (with the second moment ``sq_mean``) are still read.
+        """
         return {
             "format_version": _FORMAT_VERSION,
             "param_shapes": {n: list(s) for n, s in self.param_shapes.items()},
             "max_rank": self.max_rank,
             "num_snapshots": self._num_snapshots,
             "mean": self._mean,
-            "sq_mean": self._sq_mean,
+            "sum_sq_dev": self._sum_sq_dev,
             "deviations": self._deviations,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore statistics saved by :meth:`state_dict` into this (same-shaped) posterior."""
-        shapes = {n: torch.Size(s) for n, s in state["param_shapes"].items()}
+        state = _upgrade_state(state)
+        shapes = {canonical_name(n): torch.Size(s) for n, s in state["param_shapes"].items()}
         if shapes != self.param_shapes or int(state["max_rank"]) != self.max_rank:
             raise ValueError(
                 "Saved SWAG state does not match this posterior "
@@ -412,20 +615,17 @@ class SWAGPosterior:
                 "Build the posterior with SWAGPosterior.from_state_dict instead."
             )
         self._mean.copy_(state["mean"])
-        self._sq_mean.copy_(state["sq_mean"])
+        self._sum_sq_dev.copy_(state["sum_sq_dev"])
         self._deviations.copy_(state["deviations"])
         self._num_snapshots = int(state["num_snapshots"])
+        self._sampling_cache.clear()
 
     @classmethod
     def from_state_dict(
         cls, state: Mapping[str, Any], device: torch.device | str | None = None
     ) -> SWAGPosterior:
         """Build a posterior from :meth:`state_dict` output (dtypes preserved)."""
-        version = state.get("format_version")
-        if version != _FORMAT_VERSION:
-            raise ValueError(
-                f"Unsupported SWAG state format {version!r} (this version reads {_FORMAT_VERSION})."
-            )
+        state = _upgrade_state(state)
         post = cls(
             state["param_shapes"],
             int(state["max_rank"]),
@@ -443,18 +643,30 @@ class SWAGPosterior:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str | None = "cpu") -> SWAGPosterior:
-        """Read a posterior written by :meth:`save`."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Read a posterior written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is damaged, or a torch file that holds no SWAG posterior.
+        """
+        state = load_file(path, "SWAG posterior file")
+        if not is_posterior_state(state):
+            keys = sorted(state)[:8] if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"{str(path)!r} is a torch file but not a SWAG posterior (found {keys}); write one with "
+                "SWAGPosterior.save, or read a training checkpoint with SWAGModule/trainer.predict(ckpt_path=...)."
+            )
         return cls.from_state_dict(state, device=device)
 
     def to(self, device: torch.device | str) -> SWAGPosterior:
         """Move the statistics to ``device`` (in place) and return ``self``."""
         device = torch.device(device)
         self._mean = self._mean.to(device)
-        self._sq_mean = self._sq_mean.to(device)
+        self._sum_sq_dev = self._sum_sq_dev.to(device)
         self._deviations = self._deviations.to(device)
         self._scratch = torch.empty_like(self._mean)
         self._scratch_views = list(self._split(self._scratch))
+        self._sampling_cache.clear()
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -473,3 +685,20 @@ class SWAGPosterior:
                 "(SWAGCallback during trainer.fit, or SWAGPosterior.collect), and check that training "
                 "reached the callback's start_epoch."
             )
+
+
+def _upgrade_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A format-2 state dict from a format-1 or format-2 one (format 1 stored ``E[θ²]``)."""
+    version = state.get("format_version")
+    if version == _FORMAT_VERSION:
+        return dict(state)
+    if version == 1:
+        upgraded = {k: v for k, v in state.items() if k != "sq_mean"}
+        mean, sq_mean, n = state["mean"], state["sq_mean"], int(state["num_snapshots"])
+        variance = (sq_mean.double() - mean.double().square()).clamp_(min=0)
+        upgraded["sum_sq_dev"] = (variance * n).to(mean.dtype)
+        upgraded["format_version"] = _FORMAT_VERSION
+        return upgraded
+    raise ValueError(
+        f"Unsupported SWAG state format {version!r} (this version reads formats 1 and {_FORMAT_VERSION})."
+    )

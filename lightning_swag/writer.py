@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +13,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from lightning_swag.batches import default_batch_inputs, default_batch_targets
+from lightning_swag.module import infer_task
 
 __all__ = ["SWAGPredictionWriter", "load_predictions", "merge_predictions"]
 
@@ -48,8 +51,12 @@ class SWAGPredictionWriter(BasePredictionWriter):
     ``_batch<i>`` (6 digits) with ``write_interval="batch"`` (one file per batch instead of one per
     run, for outputs that do not fit in memory).
 
+    Batches are read with the module's ``batch_inputs`` / ``batch_targets`` (``SWAGModule``'s override
+    points), or with :mod:`lightning_swag.batches`' defaults for other modules.
+
     Args:
-        output_dir: folder for the files (created if missing).
+        output_dir: folder for the files (created if missing); ``None``:
+            ``<trainer.default_root_dir>/predictions``.
         write_interval: ``"epoch"``: one file at the end of the run; ``"batch"``: one file per batch.
         filename: file name; its suffix picks the format, ``.pt`` or ``.npz``.
         save_inputs: store the inputs as ``x`` (``None``: for regression with small inputs).
@@ -58,7 +65,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        output_dir: str,
+        output_dir: str | None = None,
         write_interval: Literal["batch", "epoch"] = "epoch",
         filename: str = "predictions.pt",
         save_inputs: bool | None = None,
@@ -123,13 +130,11 @@ class SWAGPredictionWriter(BasePredictionWriter):
                 f"does); got {type(prediction).__name__}."
             )
         record = {k: v.detach().cpu() for k, v in prediction.items() if isinstance(v, Tensor)}
-        if isinstance(batch, (tuple, list)):
-            if len(batch) >= 2 and isinstance(batch[1], Tensor):
-                record["targets"] = batch[1].detach().cpu()
-            inputs = batch[0] if batch and isinstance(batch[0], Tensor) else None
-        else:
-            inputs = batch if isinstance(batch, Tensor) else None
-        if inputs is not None and self._keep_inputs(pl_module, record, inputs):
+        targets = _maybe(getattr(pl_module, "batch_targets", default_batch_targets), batch)
+        if isinstance(targets, Tensor):
+            record["targets"] = targets.detach().cpu()
+        inputs = _maybe(getattr(pl_module, "batch_inputs", default_batch_inputs), batch)
+        if isinstance(inputs, Tensor) and self._keep_inputs(pl_module, record, inputs):
             record["x"] = inputs.detach().cpu()
         if batch_indices:
             record["indices"] = torch.as_tensor(list(batch_indices), dtype=torch.long)
@@ -139,7 +144,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
         if self.save_inputs is not None:
             return self.save_inputs
         per_row = inputs[0].numel() if inputs.ndim > 0 and len(inputs) else 0
-        return _task(pl_module, record) == "regression" and per_row <= self.max_input_numel
+        return _task(pl_module) == "regression" and per_row <= self.max_input_numel
 
     def _path(self, trainer: L.Trainer, dataloader_idx: int, batch_idx: int | None) -> Path:
         stem, suffix = os.path.splitext(self.filename)
@@ -149,7 +154,8 @@ class SWAGPredictionWriter(BasePredictionWriter):
             stem += f"_rank{trainer.global_rank}"
         if batch_idx is not None:
             stem += f"_batch{batch_idx:06d}"
-        return Path(self.output_dir) / f"{stem}{suffix}"
+        output_dir = self.output_dir or os.path.join(trainer.default_root_dir, "predictions")
+        return Path(output_dir) / f"{stem}{suffix}"
 
     def _save(
         self,
@@ -163,7 +169,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         num_rows = int(record["mean"].shape[0]) if "mean" in record else 0
         meta: dict[str, Any] = {
-            "task": _task(pl_module, record),
+            "task": _task(pl_module),
             "num_samples": getattr(pl_module, "total_samples", None),
             "scale": getattr(pl_module, "scale", None),
             "covariance": getattr(pl_module, "covariance", None),
@@ -187,11 +193,18 @@ class SWAGPredictionWriter(BasePredictionWriter):
             rank_zero_info(f"SWAGPredictionWriter: wrote {num_rows} predictions to {path}")
 
 
-def _task(pl_module: L.LightningModule, record: dict[str, Tensor]) -> str:
+def _task(pl_module: L.LightningModule) -> str:
+    """``SWAGModule``'s task, else the one :func:`infer_task` gives the module."""
     task = getattr(pl_module, "task", None)
-    if task in ("regression", "classification"):
-        return task
-    return "classification" if "entropy" in record else "regression"
+    return task if task in ("regression", "classification") else infer_task(pl_module)
+
+
+def _maybe(extract: Callable[[Any], Any], batch: Any) -> Any:
+    """``extract(batch)``, or None when the batch has no such part (e.g. no targets)."""
+    try:
+        return extract(batch)
+    except (TypeError, KeyError, IndexError):
+        return None
 
 
 def _concatenate(records: list[dict[str, Tensor]]) -> dict[str, Tensor]:

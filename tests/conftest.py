@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from synthetic_idx import write_synthetic_idx
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -86,3 +88,30 @@ def expected_moments(snapshots: list[torch.Tensor], max_rank: int):
 def tiny_model() -> TinyRegressor:
     torch.manual_seed(0)
     return TinyRegressor()
+
+
+DATA_ENV_VAR = "LIGHTNING_SWAG_DATA"
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1200, 300
+
+
+def real_data_dir() -> Path | None:
+    """The real MNIST root named by ``LIGHTNING_SWAG_DATA``, or None when it is unset."""
+    configured = os.environ.get(DATA_ENV_VAR)
+    if not configured:
+        return None
+    root = Path(configured)
+    assert (root / "MNIST" / "raw").is_dir(), f"{DATA_ENV_VAR}={configured} has no MNIST/raw folder"
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data root every MNIST test reads: the real data when ``LIGHTNING_SWAG_DATA`` is set, else
+    small synthetic IDX files in torchvision's layout (so the real loading code still runs)."""
+    real = real_data_dir()
+    if real is not None:
+        return real
+    root = tmp_path_factory.mktemp("synthetic_mnist")
+    write_synthetic_idx(root, "MNIST", num_train=SYNTHETIC_TRAIN, num_test=SYNTHETIC_TEST, seed=0)
+    write_synthetic_idx(root, "FashionMNIST", num_train=SYNTHETIC_TRAIN, num_test=SYNTHETIC_TEST, seed=1)
+    return root

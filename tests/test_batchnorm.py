@@ -22,6 +22,7 @@ from lightning_swag.batchnorm import (
     refresh_batchnorm,
     refresh_batchnorm_batched,
 )
+from lightning_swag.posterior import derive_seed
 
 NUM_CLASSES, SIZE = 4, 12
 
@@ -171,8 +172,8 @@ def test_batched_equals_per_sample_vmap_and_loop() -> None:
         n: torch.stack([p.detach() + 0.3 * i * torch.randn(p.shape, generator=g) for i in range(3)])
         for n, p in net.named_parameters()
     }
-    batched = refresh_batchnorm_batched(net, chunk, _loader())
-    looped = refresh_batchnorm_batched(net, chunk, _loader(), vectorize=False)
+    batched = refresh_batchnorm_batched(net, chunk, _loader(), vectorize="vmap")
+    looped = refresh_batchnorm_batched(net, chunk, _loader(), vectorize="loop")
     for i in range(3):
         single = refresh_batchnorm(net, {k: v[i] for k, v in chunk.items()}, _loader())
         for name, value in single.items():
@@ -205,7 +206,7 @@ def test_batched_falls_back_to_the_loop_when_vmap_fails() -> None:
         n: torch.stack([p.detach() * (1 + 0.5 * i) for i in range(2)]) for n, p in net.named_parameters()
     }
     with pytest.warns(UserWarning, match="falling back to one forward pass per sample"):
-        batched = refresh_batchnorm_batched(net, chunk, loader)
+        batched = refresh_batchnorm_batched(net, chunk, loader, vectorize="vmap")
     for i in range(2):
         single = refresh_batchnorm(net, {k: v[i] for k, v in chunk.items()}, loader)
         for name, value in single.items():
@@ -283,7 +284,7 @@ def test_refreshed_statistics_beat_the_stale_ones_for_swa_and_swag() -> None:
     )
 
     num_samples = 8
-    flat = post.sample(num_samples, generator=torch.Generator().manual_seed(0)).float()
+    flat = post.sample(num_samples, seed=derive_seed(0, 0)).float()  # SWAGModule's samples for seed=0
     samples = post.unflatten(flat)
     fresh = refresh_batchnorm_batched(model, samples, train_loader)
 

@@ -159,14 +159,81 @@ def test_device_and_dtypes_are_configurable() -> None:
     assert post.moment_dtype == torch.float32 and post.deviation_dtype == torch.bfloat16
 
 
-def test_a_callback_reused_for_a_second_fit_keeps_collecting() -> None:
+def test_a_callback_reused_in_the_same_trainer_keeps_collecting() -> None:
     swag, recorder = SWAGCallback(max_rank=4), WeightRecorder()
-    _, model = _fit([swag, recorder], max_epochs=3)
-    first = [recorder.by_epoch[e] for e in range(3)]
-    recorder.by_epoch.clear()
-    L.Trainer(max_epochs=2, callbacks=[swag, recorder], **QUIET).fit(model, train_dataloaders=tiny_loader())
-    second = [recorder.by_epoch[e] for e in range(2)]
-    _assert_posterior_equals(swag.posterior, first + second, max_rank=4)
+    trainer, model = _fit([swag, recorder], max_epochs=3)
+    first_posterior = swag.posterior
+    trainer.fit_loop.max_epochs = 5
+    trainer.fit(model, train_dataloaders=tiny_loader())
+    assert swag.posterior is first_posterior
+    _assert_posterior_equals(swag.posterior, [recorder.by_epoch[e] for e in range(5)], max_rank=4)
+
+
+def test_a_callback_reused_in_a_new_trainer_starts_a_fresh_posterior() -> None:
+    """The natural MultiSWAG loop: one callback, one new Trainer per run; the runs must not mix."""
+    swag = SWAGCallback(max_rank=4)
+    posteriors, snapshots = [], []
+    for seed in (0, 1, 2):
+        recorder = WeightRecorder()
+        torch.manual_seed(seed)
+        L.Trainer(max_epochs=3, callbacks=[swag, recorder], **QUIET).fit(
+            TinyRegressor(), train_dataloaders=tiny_loader()
+        )
+        posteriors.append(swag.posterior)
+        snapshots.append([recorder.by_epoch[e] for e in range(3)])
+    assert len({id(p) for p in posteriors}) == 3
+    for post, recorded in zip(posteriors, snapshots, strict=True):
+        _assert_posterior_equals(post, recorded, max_rank=4)  # each run's own, untouched by the later ones
+
+
+def test_a_callback_reused_in_a_new_trainer_resuming_a_checkpoint_continues_it(tmp_path) -> None:
+    swag, recorder = SWAGCallback(max_rank=4), WeightRecorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    _fit([swag, recorder, ckpt], max_epochs=3, enable_checkpointing=True)
+    _fit([swag, recorder], max_epochs=5, ckpt_path=tmp_path / "last.ckpt")
+    _assert_posterior_equals(swag.posterior, [recorder.by_epoch[e] for e in range(5)], max_rank=4)
+
+
+class LazyRegressor(TinyRegressor):
+    """Its first layer learns its input size on the first forward pass (``nn.LazyLinear``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def test_uninitialized_parameters_are_tracked_once_materialized() -> None:
+    swag, recorder = SWAGCallback(max_rank=3), WeightRecorder()
+    _fit([swag, recorder], max_epochs=4, model=LazyRegressor())
+    assert swag.posterior.param_shapes["net.0.weight"] == (8, 4)
+    _assert_posterior_equals(swag.posterior, [recorder.by_epoch[e] for e in range(4)], max_rank=3)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_damaged_checkpoints_name_the_file(tmp_path, damage: str) -> None:
+    swag = SWAGCallback(max_rank=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="good")
+    _fit([swag, ckpt], max_epochs=2, enable_checkpointing=True)
+    data = (tmp_path / "good.ckpt").read_bytes()
+    content = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x00not a checkpoint" * 50}
+    bad = tmp_path / f"{damage}.ckpt"
+    bad.write_bytes(content[damage])
+    with pytest.raises(ValueError, match=rf"{damage}.ckpt.*not a readable checkpoint"):
+        _fit([SWAGCallback(max_rank=2)], max_epochs=3, ckpt_path=bad)
+    with pytest.raises(ValueError, match=rf"{damage}.ckpt.*not a readable checkpoint"):
+        L.Trainer(**QUIET).predict(SWAGModule(TinyRegressor()), tiny_loader(), ckpt_path=bad)
+
+
+def test_restoring_a_checkpoint_over_given_posteriors_warns(tmp_path) -> None:
+    swag = SWAGCallback(start_epoch=1, max_rank=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    _, model = _fit([swag, ckpt], max_epochs=4, enable_checkpointing=True)
+    other = SWAGCallback(max_rank=2)
+    _fit([other], max_epochs=2)
+    bma = SWAGModule(model, other.posterior, num_samples=3, seed=0)
+    with pytest.warns(UserWarning, match="replaces the posterior"):
+        L.Trainer(**QUIET).predict(bma, tiny_loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert bma.posterior.num_snapshots == swag.posterior.num_snapshots == 3
 
 
 def test_swa_lr_annealing_continues_exactly_after_resume(tmp_path) -> None:

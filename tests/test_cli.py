@@ -7,7 +7,6 @@ else from small synthetic IDX files written to a temporary folder; nothing is do
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import QUIET, TinyRegressor, tiny_loader
-from synthetic_idx import write_synthetic_idx
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 from lightning_swag.cli import cli_main, infer_task
@@ -89,13 +88,14 @@ def test_sine_fit_then_predict_writes_bma_predictions(
             str(ckpt),
             "--trainer.default_root_dir",
             str(sine_run),
-            "--swag.output_dir",
+            "--predictions.output_dir",
             str(out_dir),
             "--swag.num_samples=100",
         ]
     )
     assert isinstance(cli.model, SWAGModule) and isinstance(cli.model.model, SineRegressor)
     assert cli.model.posterior.num_snapshots == 10  # restored from the checkpoint
+    assert not cli.trainer.predict_loop.return_predictions  # written to a file, not also kept in memory
     # The default progress bar stays on and shows predict progress over batches.
     assert cli.trainer.progress_bar_callback is not None
     captured = capsys.readouterr()
@@ -119,8 +119,17 @@ def test_sine_predict_last_npz_default_folder_is_reproducible(sine_run: Path, tm
     .npz file holds the same numbers as a .pt run with the same seed."""
     common = ["--config", SINE_YAML, "--trainer.default_root_dir", str(sine_run), "--swag.num_samples=20"]
     common += ["--trainer.enable_progress_bar=false"]
-    cli_main(["predict", *common, "--ckpt_path", "last", "--swag.output_dir=null", "--swag.filename=p.npz"])
-    cli_main(["predict", *common, "--ckpt_path", "last", "--swag.output_dir", str(tmp_path)])
+    cli_main(
+        [
+            "predict",
+            *common,
+            "--ckpt_path",
+            "last",
+            "--predictions.output_dir=null",
+            "--predictions.filename=p.npz",
+        ]
+    )
+    cli_main(["predict", *common, "--ckpt_path", "last", "--predictions.output_dir", str(tmp_path)])
     npz = load_predictions(sine_run / "predictions" / "p.npz")
     pt = load_predictions(tmp_path / "predictions.pt")
     assert npz["meta"] == pt["meta"]
@@ -203,17 +212,6 @@ def test_callback_model_and_data_selected_on_the_command_line(tmp_path: Path) ->
 
 # --------------------------------------------------------------------------------------------- MNIST
 @pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    configured = os.environ.get("LIGHTNING_SWAG_DATA")
-    if configured:
-        return Path(configured)
-    root = tmp_path_factory.mktemp("mnist_data")
-    write_synthetic_idx(root, "MNIST", num_train=1200, num_test=300, seed=0)
-    write_synthetic_idx(root, "FashionMNIST", num_train=300, num_test=300, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
 def mnist_run(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """``fit`` with the MNIST config on a small subset, 2 + 2 epochs; returns (root, shared options)."""
     root = tmp_path_factory.mktemp("mnist_cli")
@@ -246,7 +244,7 @@ def test_mnist_fit_then_predict_writes_classification_uncertainty(
             *data,
             "--ckpt_path",
             str(root / "checkpoints" / "last.ckpt"),
-            "--swag.output_dir",
+            "--predictions.output_dir",
             str(tmp_path),
             "--swag.num_samples=10",
             "--swag.task=null",  # inferred from the model
@@ -256,7 +254,8 @@ def test_mnist_fit_then_predict_writes_classification_uncertainty(
     assert isinstance(cli.model.model, MNISTClassifier) and cli.model.task == "classification"
     preds = torch.load(tmp_path / "predictions.pt", weights_only=True)
     n = 300
-    assert set(preds) == {"mean", "std", "entropy", "mutual_information", "targets", "meta"}
+    assert set(preds) == {"mean", "std", "entropy", "mutual_information", "targets", "indices", "meta"}
+    assert torch.equal(preds["indices"], torch.arange(len(preds["mean"])))  # MNIST loaders report indices
     assert preds["mean"].shape == preds["std"].shape == (n, 10)
     assert preds["entropy"].shape == preds["mutual_information"].shape == preds["targets"].shape == (n,)
     assert torch.allclose(preds["mean"].sum(1), torch.ones(n), atol=1e-5)
@@ -286,7 +285,7 @@ def test_mnist_predict_with_ood_set_is_more_uncertain_out_of_distribution(
             "--data.predict_ood=true",
             "--ckpt_path",
             str(root / "checkpoints" / "last.ckpt"),
-            "--swag.output_dir",
+            "--predictions.output_dir",
             str(tmp_path),
             "--swag.num_samples=10",
             "--trainer.enable_progress_bar=false",
@@ -373,6 +372,16 @@ def test_predict_needs_a_checkpoint_with_a_posterior(
     ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
     err = _cli_error(["predict", "--config", SINE_YAML, "--ckpt_path", ckpt, *root], capsys)
     assert "holds no SWAG posterior with snapshots" in err and "start_epoch" in err
+    data = Path(ckpt).read_bytes()
+    for name, content in {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "garbage": b"\x00junk" * 40,
+    }.items():
+        bad = tmp_path / f"{name}.ckpt"
+        bad.write_bytes(content)
+        err = _cli_error(["predict", "--config", SINE_YAML, "--ckpt_path", str(bad), *root], capsys)
+        assert f"{name}.ckpt" in err and "not a readable checkpoint" in err, err
 
 
 def test_predict_help_lists_the_swag_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -472,3 +481,33 @@ def test_writer_rejects_bad_arguments() -> None:
         SWAGPredictionWriter("out", filename="predictions.csv")
     with pytest.raises(ValueError, match="write_interval"):
         SWAGPredictionWriter("out", write_interval="batch_and_epoch")  # type: ignore[arg-type]
+
+
+def test_swag_options_are_swagmodules_signature(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every SWAGModule argument that is an option (not an object) is a --swag.* option with SWAGModule's
+    default, and every SWAGPredictionWriter argument a --predictions.* option."""
+    import inspect
+
+    from lightning_swag.cli import _NOT_OPTIONS
+
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    signature = inspect.signature(SWAGModule.__init__).parameters
+    expected = {n: p.default for n, p in signature.items() if n != "self" and n not in _NOT_OPTIONS}
+    assert config["swag"] == expected
+    writer = inspect.signature(SWAGPredictionWriter.__init__).parameters
+    assert config["predictions"] == {n: p.default for n, p in writer.items() if n != "self"}
+
+
+def test_the_private_lightning_apis_we_rely_on_still_exist() -> None:
+    """lightning-swag uses two private pieces of Lightning; this fails loudly when either changes."""
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    # 1. SWAGLightningCLI overrides LightningCLI._parse_ckpt_path, which __init__ calls after parsing.
+    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+    # 2. SWAGCallback recognises spawn-based launchers by the class name _MultiProcessingLauncher.
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    assert type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"

@@ -8,7 +8,6 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,39 +15,30 @@ import lightning as L
 import pytest
 import torch
 import torchvision
+from conftest import DATA_ENV_VAR, real_data_dir
 from synthetic_idx import write_synthetic_idx
+from torch.utils.data import DataLoader
 
 from lightning_swag.experiments.data.mnist import (
     MNIST_MEAN,
     MNIST_STD,
     MNISTDataModule,
     TensorBatchLoader,
+    TensorRows,
     fashion_mnist_test_loader,
     load_normalized_tensors,
 )
 from lightning_swag.experiments.models import MNISTClassifier
 
-DATA_ENV_VAR = "LIGHTNING_SWAG_DATA"
-SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1200, 300
-
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real data root if ``LIGHTNING_SWAG_DATA`` is set, else a folder of synthetic IDX files."""
-    configured = os.environ.get(DATA_ENV_VAR)
-    if configured:
-        root = Path(configured)
-        assert (root / "MNIST" / "raw").is_dir(), f"{DATA_ENV_VAR}={configured} has no MNIST/raw folder"
-        return root
-    root = tmp_path_factory.mktemp("synthetic_data")
-    write_synthetic_idx(root, "MNIST", num_train=SYNTHETIC_TRAIN, num_test=SYNTHETIC_TEST, seed=0)
-    write_synthetic_idx(root, "FashionMNIST", num_train=SYNTHETIC_TRAIN, num_test=SYNTHETIC_TEST, seed=1)
-    return root
+def data_root(mnist_root: Path) -> Path:
+    return mnist_root
 
 
 @pytest.fixture(scope="module")
 def is_real_data(data_root: Path) -> bool:
-    return bool(os.environ.get(DATA_ENV_VAR))
+    return real_data_dir() is not None
 
 
 def make_datamodule(data_root: Path, **overrides: object) -> MNISTDataModule:
@@ -209,7 +199,7 @@ def test_evaluation_loaders_keep_the_order(data_root: Path) -> None:
         (dm.test_dataloader(), dm.test_tensors()),
         (dm.predict_dataloader(), dm.test_tensors()),
     ):
-        assert isinstance(loader, TensorBatchLoader)
+        assert isinstance(loader, DataLoader) and isinstance(loader.dataset, TensorRows)
         batches = list(loader)
         assert len(batches) == len(loader) == -(-images.shape[0] // 64)
         assert torch.equal(torch.cat([x for x, _ in batches]), images)

@@ -181,3 +181,62 @@ def test_spawn_based_strategies_warn_that_the_posterior_stays_in_the_workers() -
     # and the main process's error says where the posterior went
     with pytest.raises(RuntimeError, match="ddp_spawn"):
         _ = SWAGCallback().posterior
+
+
+# ---------------------------------------------------------------------- MNIST predictions under DDP
+
+MNIST_SCRIPT = Path(__file__).with_name("ddp_predict_mnist_script.py")
+
+
+@pytest.mark.slow
+def test_ddp_predictions_of_the_mnist_datamodule_merge_to_each_test_row_once(mnist_root, tmp_path) -> None:
+    """Each rank predicts its own share of MNISTDataModule's test set; merged, every row appears once,
+    in dataset order, equal to a single-process BMA with the same seed."""
+    import ddp_predict_mnist_script as mnist_script
+
+    from lightning_swag.experiments.models import MNISTClassifier
+    from lightning_swag.writer import merge_predictions
+
+    torch.manual_seed(0)
+    model = MNISTClassifier()
+    posterior = SWAGPosterior.from_model(model, max_rank=3)
+    g = torch.Generator().manual_seed(1)
+    walker = MNISTClassifier()
+    walker.load_state_dict(model.state_dict())
+    for _ in range(4):
+        with torch.no_grad():
+            for p in walker.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        posterior.collect(walker)
+    saved = tmp_path / "saved.pt"
+    torch.save({"model": model.state_dict(), "posterior": posterior.state_dict()}, saved)
+
+    out = tmp_path / "predictions"
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(MNIST_SCRIPT), str(mnist_root), str(saved), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"DDP predict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    files = sorted(out.glob("predictions_rank*.pt"))
+    assert [f.name for f in files] == ["predictions_rank0.pt", "predictions_rank1.pt"]
+    merged = merge_predictions(files)
+
+    dm = mnist_script.datamodule(str(mnist_root))
+    dm.setup("test")
+    images, labels = dm.test_tensors()
+    n = len(labels)
+    assert n == min(mnist_script.TEST_SUBSET, len(labels))
+    assert merged["meta"]["num_rows"] == n
+    assert torch.equal(merged["indices"], torch.arange(n))
+    assert torch.equal(merged["targets"], labels)
+
+    bma = SWAGModule(
+        model, posterior, num_samples=mnist_script.NUM_SAMPLES, task="classification", seed=mnist_script.SEED
+    )
+    single = L.Trainer(**QUIET).predict(bma, dm.test_dataloader())
+    torch.testing.assert_close(merged["mean"], torch.cat([b["mean"] for b in single]), rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swag import SWAGModule, SWAGPosterior
+from lightning_swag.posterior import derive_seed
 
 
 def _posterior_for(net: nn.Module, snapshots: int = 6, max_rank: int = 4, seed: int = 0) -> SWAGPosterior:
@@ -37,10 +38,12 @@ def _regressor() -> nn.Module:
     return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
 
 
-def _explicit_outputs(net, post, x, num_samples, scale, seed, diagonal_only=False):
-    """The reference BMA: draw weights, load them into a copy of the model, run it, one sample at a time."""
+def _explicit_outputs(net, post, x, num_samples, scale, seed, diagonal_only=False, posterior_index=0):
+    """The reference BMA: draw weights, load them into a copy of the model, run it, one sample at a time.
+
+    SWAGModule documents that sample i of posterior j is sample i of ``derive_seed(seed, j)``."""
     weights = post.sample(
-        num_samples, scale=scale, generator=torch.Generator().manual_seed(seed), diagonal_only=diagonal_only
+        num_samples, scale=scale, seed=derive_seed(seed, posterior_index), diagonal_only=diagonal_only
     )
     model = copy.deepcopy(net).eval()
     outs = []
@@ -182,7 +185,7 @@ def test_non_vmappable_model_falls_back_with_a_warning() -> None:
     post = _posterior_for(net)
     x = torch.randn(3, 2)
     with pytest.warns(UserWarning, match="falling back"):
-        out = SWAGModule(net, post, num_samples=4, seed=1, return_samples=True)(x)
+        out = SWAGModule(net, post, num_samples=4, seed=1, return_samples=True, vectorize="vmap")(x)
     torch.testing.assert_close(out["samples"], _explicit_outputs(net, post, x, 4, 0.5, 1))
 
 
@@ -293,3 +296,186 @@ def test_tune_scale_rejects_bad_input() -> None:
         bma.tune_scale([])
     with pytest.raises(TypeError, match="labelled"):
         bma.tune_scale([torch.randn(4, 5)])
+
+
+# ---------------------------------------------------------------------- issue 9: silent wrong results
+
+
+def _labelled(n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g) + shift, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_trainer_test_with_two_dataloaders_reports_each_one_separately() -> None:
+    net = _classifier()
+    post = _posterior_for(net)
+    a, b = _labelled(48, 1), _labelled(30, 2, shift=3.0)
+    loaders = [DataLoader(TensorDataset(*a), batch_size=16), DataLoader(TensorDataset(*b), batch_size=16)]
+
+    def bma() -> SWAGModule:
+        return SWAGModule(net, post, num_samples=6, seed=3, task="classification")
+
+    both = L.Trainer(**QUIET).test(bma(), loaders)
+    alone = [L.Trainer(**QUIET).test(bma(), loader)[0] for loader in loaders]
+    assert len(both) == 2
+    for index, (got, want) in enumerate(zip(both, alone, strict=True)):
+        suffix = f"/dataloader_idx_{index}"
+        assert set(got) == {key + suffix for key in want}, got.keys()
+        for key, value in want.items():
+            assert got[key + suffix] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert both[0]["test_accuracy/dataloader_idx_0"] != both[1]["test_accuracy/dataloader_idx_1"]
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_seed_fixes_the_samples_whatever_the_chunking(vectorize: bool) -> None:
+    net = _regressor()
+    post = _posterior_for(net, snapshots=9, max_rank=5)
+    x = torch.randn(7, 2)
+    outputs = [
+        SWAGModule(
+            net, post, num_samples=10, seed=5, chunk_size=chunk, vectorize=vectorize, return_samples=True
+        )(x)
+        for chunk in (1, 3, 4, None)
+    ]
+    for out in outputs[1:]:
+        torch.testing.assert_close(out["samples"], outputs[0]["samples"], rtol=1e-6, atol=1e-6)
+    # and whatever the number of batches: two halves equal the whole batch
+    bma = SWAGModule(net, post, num_samples=10, seed=5, chunk_size=3, return_samples=True)
+    halves = torch.cat([bma(x[:3])["samples"], bma(x[3:])["samples"]], dim=1)
+    torch.testing.assert_close(halves, outputs[0]["samples"], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_model_takes_the_plain_models_posterior() -> None:
+    net = _regressor()
+    post = _posterior_for(net)
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(4, 2)
+    plain = SWAGModule(net, post, num_samples=5, seed=0)(x)
+    via_compiled = SWAGModule(compiled, post, num_samples=5, seed=0)(x)
+    torch.testing.assert_close(via_compiled["mean"], plain["mean"])
+    torch.testing.assert_close(via_compiled["std"], plain["std"])
+    # and a posterior collected from the compiled module carries no wrapper prefix
+    from_compiled = _posterior_for(compiled)
+    assert from_compiled.param_names == post.param_names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    SWAGModule(net, from_compiled, num_samples=2, seed=0)(x)
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor):
+        out = self.body(x)
+        if self.kind == "tuple":
+            return out, out.sum(-1)
+        return {"logits": out, "aux": out.sum(-1)}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_output_transform_picks_the_tensor_to_average(kind: str) -> None:
+    torch.manual_seed(0)
+    net = _TupleOutput(kind)
+    post = _posterior_for(net)
+    x = torch.randn(4, 2)
+    with pytest.raises(TypeError, match=r"(tuple|dict).*output_transform"):
+        SWAGModule(net, post, num_samples=3, seed=0)(x)
+    pick = (lambda out: out[0]) if kind == "tuple" else (lambda out: out["logits"])
+    got = SWAGModule(net, post, num_samples=3, seed=0, output_transform=pick, return_samples=True)(x)
+    plain = SWAGModule(net.body, _rename(post, "body."), num_samples=3, seed=0, return_samples=True)(x)
+    torch.testing.assert_close(got["samples"], plain["samples"])
+
+
+def _rename(post: SWAGPosterior, prefix: str) -> SWAGPosterior:
+    """The same posterior for the submodule under ``prefix``."""
+    state = post.state_dict()
+    state["param_shapes"] = {k.removeprefix(prefix): v for k, v in state["param_shapes"].items()}
+    return SWAGPosterior.from_state_dict(state)
+
+
+class _DictBatches(SWAGModule):
+    def batch_inputs(self, batch):
+        return batch["features"]
+
+    def batch_targets(self, batch):
+        return batch["label"]
+
+
+class _Batches:
+    """A loader that yields the given batches (a plain list would be taken for a list of loaders)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def test_dict_batches_through_one_pair_of_override_points() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    post = _posterior_for(net)
+    x, y = _labelled(40, 3)
+    dict_batches = _Batches([{"features": x[i : i + 10], "label": y[i : i + 10]} for i in range(0, 40, 10)])
+    tuple_batches = _Batches([(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)])
+
+    def build(cls, bn_loader):
+        return cls(net, post, num_samples=4, seed=1, task="classification", bn_loader=bn_loader)
+
+    trainer = L.Trainer(**QUIET)
+    want_pred = trainer.predict(build(SWAGModule, tuple_batches), tuple_batches)
+    got_pred = trainer.predict(build(_DictBatches, dict_batches), dict_batches)
+    for got, want in zip(got_pred, want_pred, strict=True):
+        torch.testing.assert_close(got["mean"], want["mean"])
+    assert trainer.test(build(_DictBatches, dict_batches), dict_batches) == trainer.test(
+        build(SWAGModule, tuple_batches), tuple_batches
+    )
+    assert build(_DictBatches, dict_batches).tune_scale(dict_batches, [0.5, 1.0]) == pytest.approx(
+        build(SWAGModule, tuple_batches).tune_scale(tuple_batches, [0.5, 1.0])
+    )
+
+
+def test_tune_scale_accepts_a_datamodule_and_uses_its_validation_loader() -> None:
+    net = _classifier()
+    post = _posterior_for(net)
+    x, y = _labelled(40, 4)
+
+    class DM(L.LightningDataModule):
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(x, y), batch_size=10)
+
+    def bma() -> SWAGModule:
+        return SWAGModule(net, post, num_samples=4, seed=1, task="classification")
+
+    assert bma().tune_scale(DM(), [0.5, 1.0]) == bma().tune_scale(DM().val_dataloader(), [0.5, 1.0])
+
+
+@pytest.mark.parametrize("seed", [1.5, "3", True, -1])
+def test_a_bad_seed_is_refused_at_construction(seed) -> None:
+    net = _regressor()
+    with pytest.raises((TypeError, ValueError), match="seed"):
+        SWAGModule(net, _posterior_for(net), seed=seed)
+
+
+def test_regression_test_with_multi_output_targets() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    post = _posterior_for(net)
+    x, y = torch.randn(30, 2), torch.randn(30, 3)
+    logged = L.Trainer(**QUIET).test(
+        SWAGModule(net, post, num_samples=5, seed=1), DataLoader(TensorDataset(x, y), batch_size=8)
+    )[0]
+    out = SWAGModule(net, post, num_samples=5, seed=1)(x)
+    assert logged["test_rmse"] == pytest.approx((out["mean"] - y).square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_regression_targets_of_another_shape_are_a_clear_error() -> None:
+    net = _regressor()  # two outputs
+    post = _posterior_for(net)
+    loader = DataLoader(TensorDataset(torch.randn(12, 2), torch.randn(12, 3)), batch_size=6)
+    with pytest.raises(ValueError, match=r"targets of shape \(6, 3\).*outputs of shape \(6, 2\)"):
+        L.Trainer(**QUIET).test(SWAGModule(net, post, num_samples=2, seed=0), loader)

@@ -195,3 +195,121 @@ def test_errors_are_clear() -> None:
         post.sample(0)
     with pytest.raises(ValueError, match="scale"):
         post.sample(2, scale=-1.0)
+
+
+def test_float32_moments_keep_a_small_spread_around_a_large_value() -> None:
+    """Weights near 0.5 moving by ~1e-4: E[θ²] − E[θ]² cancels catastrophically in float32."""
+    g = torch.Generator().manual_seed(0)
+    snapshots = [0.5 + 1e-4 * torch.randn(2000, generator=g, dtype=torch.float64) for _ in range(40)]
+    shapes = {"w": (2000,)}
+    post32 = SWAGPosterior(shapes, max_rank=5, moment_dtype=torch.float32)
+    for theta in snapshots:
+        post32.collect_flat(theta.float())
+    stack = torch.stack([s.float().double() for s in snapshots])  # what the float32 model holds
+    want = stack.var(0, correction=0)
+    got = post32.variance.double()
+    assert int((got == 0).sum()) == 0
+    relative = ((got - want).abs() / want).median()
+    assert relative < 1e-3, relative
+    torch.testing.assert_close(post32.mean.double(), stack.mean(0), rtol=0, atol=1e-6)
+
+
+def test_damaged_posterior_files_name_the_file(tmp_path) -> None:
+    net = _net()
+    post = SWAGPosterior.from_model(net)
+    post.collect(net)
+    good = tmp_path / "good.pt"
+    post.save(good)
+    data = good.read_bytes()
+    damaged = {
+        "empty.pt": b"",
+        "truncated.pt": data[: len(data) // 2],
+        "garbage.pt": b"this is not a posterior\n" * 10,
+    }
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}.*not a readable SWAG posterior"):
+            SWAGPosterior.load(tmp_path / name)
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt.*not a SWAG posterior"):
+        SWAGPosterior.load(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        SWAGPosterior.load(tmp_path / "missing.pt")
+
+
+def _walked_posterior(shapes: dict[str, tuple[int, ...]], snapshots: int, max_rank: int) -> SWAGPosterior:
+    post = SWAGPosterior(shapes, max_rank=max_rank)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(snapshots):
+        post.collect_flat(torch.randn(post.num_params, generator=g, dtype=torch.float64))
+    return post
+
+
+@pytest.mark.parametrize("num_params", [7, 40_000, (1 << 20) + 1000])
+def test_a_seed_gives_the_same_samples_in_any_chunking(num_params: int) -> None:
+    """Sample i of a seed does not depend on which other samples are drawn with it."""
+    post = _walked_posterior({"w": (num_params,)}, snapshots=5, max_rank=4)
+    whole = post.sample(6, seed=11, dtype=torch.float32)
+    parts = [
+        post.sample(n, seed=11, first_sample=start, dtype=torch.float32)
+        for start, n in [(0, 1), (1, 3), (4, 2)]
+    ]
+    # the noise is identical; the low-rank product may round in the last bit with another row count
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=2e-6)
+    # float64 results use the same noise, so they agree with the float32 ones to float32 rounding
+    torch.testing.assert_close(post.sample(6, seed=11).float(), whole, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(post.sample(6, seed=12, dtype=torch.float32), whole)
+
+
+@pytest.mark.parametrize("num_params", [50, 3000, (1 << 20) + 1000])
+def test_any_column_range_draws_its_own_part_of_the_noise_table(num_params: int) -> None:
+    from lightning_swag.posterior import StandardNormalTiles
+
+    tiles = StandardNormalTiles(seed=5, num_params=num_params, rank=3, device="cpu")
+    whole = tiles.diagonal(torch.empty(4, num_params), first_sample=2)
+    for start, stop in [(0, num_params // 3), (num_params // 3, num_params), (1, num_params - 1)]:
+        part = StandardNormalTiles(5, num_params, 3, "cpu").diagonal(torch.empty(3, stop - start), 3, start)
+        torch.testing.assert_close(part, whole[1:4, start:stop], rtol=0, atol=0)
+    low = StandardNormalTiles(5, num_params, 3, "cpu").low_rank(2, 4)
+    torch.testing.assert_close(
+        StandardNormalTiles(5, num_params, 3, "cpu").low_rank(4, 2), low[2:], rtol=0, atol=0
+    )
+    # the table really is standard normal and its rows independent of each other
+    big = StandardNormalTiles(9, num_params, 3, "cpu").diagonal(torch.empty(64, min(num_params, 4096)), 0)
+    assert abs(float(big.mean())) < 0.02 and abs(float(big.std()) - 1) < 0.02
+    assert abs(float(torch.corrcoef(big[:, :32].T).triu(1).abs().max())) < 0.6
+
+
+def test_sampling_with_a_generator_draws_the_seed_from_it() -> None:
+    post = _walked_posterior({"w": (9,)}, snapshots=4, max_rank=3)
+    a = post.sample(5, generator=torch.Generator().manual_seed(0))
+    b = post.sample(5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="either seed or generator"):
+        post.sample(2, seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match="seed"):
+        post.sample(2, seed=-3)
+
+
+def test_nbytes_counts_the_statistics() -> None:
+    post = _walked_posterior({"w": (1000,)}, snapshots=3, max_rank=4)
+    assert post.nbytes == 3 * 1000 * 8 + 4 * 1000 * 4  # mean, M2, scratch (float64) + deviations
+    post.sample(2, seed=0, dtype=torch.float32)
+    assert post.nbytes == 3 * 1000 * 8 + 4 * 1000 * 4 + 2 * 1000 * 4  # + cached float32 mean and std
+
+
+def test_format_1_files_are_still_read(tmp_path) -> None:
+    post = _walked_posterior({"a": (3, 2), "b": (4,)}, snapshots=6, max_rank=4)
+    old = {
+        "format_version": 1,
+        "param_shapes": {"a": [3, 2], "b": [4]},
+        "max_rank": 4,
+        "num_snapshots": 6,
+        "mean": post.mean,
+        "sq_mean": post.second_moment,
+        "deviations": post.state_dict()["deviations"].clone(),
+    }
+    torch.save(old, tmp_path / "v1.pt")
+    loaded = SWAGPosterior.load(tmp_path / "v1.pt")
+    torch.testing.assert_close(loaded.variance, post.variance, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loaded.deviations, post.deviations, rtol=0, atol=0)

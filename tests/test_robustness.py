@@ -37,7 +37,7 @@ def _assert_posterior_equals(post: SWAGPosterior, snapshots: list[torch.Tensor],
 
 def test_posterior_applied_to_another_architecture_is_a_clear_error() -> None:
     swag = SWAGCallback(max_rank=2)
-    _fit([swag], max_epochs=3)
+    trainer, _ = _fit([swag], max_epochs=3)
     post = swag.posterior
 
     wider = TinyRegressor(hidden=16)
@@ -55,9 +55,10 @@ def test_posterior_applied_to_another_architecture_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="another architecture"):
         post.collect(other)
 
-    # re-using a callback (and its posterior) for another model's fit is caught at train start
+    # continuing the same Trainer's posterior with another model is caught at train start
+    trainer.fit_loop.max_epochs = 4
     with pytest.raises(ValueError, match="does not match"):
-        _fit([swag], make=lambda: TinyRegressor(hidden=16), max_epochs=1)
+        trainer.fit(TinyRegressor(hidden=16), train_dataloaders=tiny_loader())
 
 
 # ---------------------------------------------------------------------- rank vs snapshots

@@ -11,6 +11,8 @@ __all__ = [
     "MNISTDataModule",
     "SineDataModule",
     "TensorBatchLoader",
+    "TensorRows",
+    "evaluation_loader",
     "fashion_mnist_test_loader",
     "sine_function",
 ]

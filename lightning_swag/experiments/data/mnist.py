@@ -4,7 +4,8 @@ The reference notebook fed MNIST through ``transforms.ToTensor()`` and a ``DataL
 goes through PIL and a Python call per image, every epoch. The 60,000 training images take 188 MB as
 float32, so here they are decoded **once** (through ``torchvision.datasets.MNIST``, which reads the
 IDX files) into a single normalized ``float32`` tensor, and batches are cut from it by indexing
-(:class:`TensorBatchLoader`). With ``pin_to_device=True`` the tensors live on the training device, so
+(:class:`TensorBatchLoader` for training, a ``DataLoader`` over :class:`TensorRows`, one index
+per batch, for evaluation). With ``pin_to_device=True`` the tensors live on the training device, so
 a GPU never waits on a host copy.
 
 The data root uses torchvision's layout: ``<data_dir>/MNIST/raw/train-images-idx3-ubyte`` etc.
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 import torchvision
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 MNIST_MEAN = 0.1307
 """Mean pixel value of the MNIST training images (pixels scaled to [0, 1])."""
@@ -221,13 +223,49 @@ class TensorBatchLoader:
                 yield tuple(t.index_select(0, batch_indices.to(t.device)) for t in self.tensors)
 
 
+class TensorRows(Dataset):
+    """Rows of in-memory tensors as a map-style dataset that is indexed a whole batch at a time.
+
+    A ``torch.utils.data.DataLoader`` over it calls :meth:`__getitems__` once per batch (one tensor
+    index, no per-sample Python work) and :func:`batch_as_is` passes the result through. Being a
+    real ``DataLoader``, it is sharded by Lightning under DDP (a ``DistributedSampler`` is put in),
+    and it reports the dataset index of every row, which ``SWAGPredictionWriter`` stores so that
+    ``merge_predictions`` can rebuild the dataset order.
+    """
+
+    def __init__(self, *tensors: Tensor) -> None:
+        if not tensors or len({t.shape[0] for t in tensors}) != 1:
+            raise ValueError("TensorRows needs one or more tensors sharing their first dimension.")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.tensors[0].device)
+        return tuple(t.index_select(0, index) for t in self.tensors)
+
+
+def batch_as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The ``collate_fn`` for :class:`TensorRows`: its batches are already stacked."""
+    return batch
+
+
+def evaluation_loader(*tensors: Tensor, batch_size: int) -> DataLoader:
+    """A ``DataLoader`` over the rows of ``tensors`` in order, a batch per ``__getitems__`` call."""
+    return DataLoader(TensorRows(*tensors), batch_size=batch_size, shuffle=False, collate_fn=batch_as_is)
+
+
 def fashion_mnist_test_loader(
     data_dir: str | Path,
     batch_size: int = 1000,
     download: bool = False,
     subset: int | None = None,
     device: torch.device | str | None = None,
-) -> TensorBatchLoader:
+) -> DataLoader:
     """Fashion-MNIST *test* images, normalized with MNIST statistics: OOD input for an MNIST model.
 
     Args:
@@ -238,14 +276,14 @@ def fashion_mnist_test_loader(
         device: where to keep the tensors (default: CPU).
 
     Returns:
-        A :class:`TensorBatchLoader` of ``(images, labels)`` in file order.
+        A ``DataLoader`` of ``(images, labels)`` in file order (see :func:`evaluation_loader`).
     """
     images, labels = load_normalized_tensors(
         data_dir, dataset="FashionMNIST", train=False, download=download, subset=subset
     )
     if device is not None:
         images, labels = images.to(device), labels.to(device)
-    return TensorBatchLoader(images, labels, batch_size=batch_size, shuffle=False)
+    return evaluation_loader(images, labels, batch_size=batch_size)
 
 
 def _check_optional_positive(name: str, value: int | None) -> None:
@@ -357,23 +395,23 @@ class MNISTDataModule(L.LightningDataModule):
             **self._replica_kwargs(),
         )
 
-    def val_dataloader(self) -> TensorBatchLoader | list:
+    def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; an empty list (Lightning skips validation) when ``val_size=0``."""
         if self.val_size == 0:
             return []
         return self._eval_loader(self.val_tensors())
 
-    def test_dataloader(self) -> TensorBatchLoader:
+    def test_dataloader(self) -> DataLoader:
         """MNIST test (``t10k``) batches in order."""
         return self._eval_loader(self.test_tensors())
 
-    def predict_dataloader(self) -> TensorBatchLoader | list[TensorBatchLoader]:
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         """Same as :meth:`test_dataloader`; with ``predict_ood`` also the OOD set (a list of two)."""
         if self.predict_ood:
             return [self.test_dataloader(), self.ood_dataloader()]
         return self.test_dataloader()
 
-    def ood_dataloader(self) -> TensorBatchLoader:
+    def ood_dataloader(self) -> DataLoader:
         """Fashion-MNIST test batches, normalized like MNIST: out-of-distribution input."""
         return self._eval_loader(self.ood_tensors())
 
@@ -467,7 +505,7 @@ class MNISTDataModule(L.LightningDataModule):
             return {}
         return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank}
 
-    def _eval_loader(self, tensors: tuple[Tensor, Tensor]) -> TensorBatchLoader:
-        # Not sharded: under DDP every rank evaluates the whole set (exact metrics on each rank,
-        # at the cost of repeated work; a prediction writer then gets the full set from each rank).
-        return TensorBatchLoader(*tensors, batch_size=self.eval_batch_size, shuffle=False)
+    def _eval_loader(self, tensors: tuple[Tensor, Tensor]) -> DataLoader:
+        # A real DataLoader: under DDP Lightning shards it across processes and the prediction
+        # writer learns the dataset index of every row.
+        return evaluation_loader(*tensors, batch_size=self.eval_batch_size)
