@@ -1,13 +1,31 @@
 """lightning-swag: SWAG Bayesian uncertainty for any PyTorch Lightning model.
 
 ``SWAGCallback`` collects a Gaussian posterior over the weights during ``trainer.fit``;
-``SWAGModule`` runs Bayesian model averaging over posterior samples in ``trainer.predict``.
+``SWAGModule`` runs Bayesian model averaging over posterior samples in ``trainer.predict`` and
+``trainer.test``. The public API is what this module exports (``__all__``), plus the modules
+``metrics`` (uncertainty metrics) and ``summaries`` (BMA summaries of per-sample outputs). The
+experiment kit (reference data, models, figures) is ``lightning_swag.experiments``; the core never
+imports it.
 """
 
+from lightning_swag import metrics, summaries
+from lightning_swag.batchnorm import refresh_batchnorm, refresh_batchnorm_batched
 from lightning_swag.callback import SWAGCallback
-from lightning_swag.module import SWAGModule
+from lightning_swag.module import SWAGModule, infer_task
 from lightning_swag.posterior import SWAGPosterior
-from lightning_swag.writer import SWAGPredictionWriter
+from lightning_swag.writer import SWAGPredictionWriter, load_predictions, merge_predictions
 
-__all__ = ["SWAGCallback", "SWAGModule", "SWAGPosterior", "SWAGPredictionWriter"]
+__all__ = [
+    "SWAGCallback",
+    "SWAGModule",
+    "SWAGPosterior",
+    "SWAGPredictionWriter",
+    "infer_task",
+    "load_predictions",
+    "merge_predictions",
+    "metrics",
+    "refresh_batchnorm",
+    "refresh_batchnorm_batched",
+    "summaries",
+]
 __version__ = "0.1.0.dev0"

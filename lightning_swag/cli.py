@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 # Imported so that jsonargparse resolves the short name ``--trainer.callbacks+=SWAGCallback``. Models
 # and DataModules are named by class path (``--model lightning_swag.experiments.models.SineRegressor``).
@@ -44,6 +45,7 @@ class SaveFitConfigCallback(SaveConfigCallback):
     ``test``/``predict`` runs usually share ``fit``'s folder and must not clobber its ``config.yaml``.
     """
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             super().setup(trainer, pl_module, stage)
@@ -91,11 +93,13 @@ class SWAGLightningCLI(LightningCLI):
         )
 
     # ------------------------------------------------------------------ parser
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Parsers that reject abbreviated options: ``--trainer.max_epoch`` is an error, not ``max_epochs``."""
         kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--swag.*`` (SWAGModule's arguments) and ``--predictions.*`` (SWAGPredictionWriter's),
         both from the signatures, so names, types, defaults and help stay those of the classes."""
@@ -109,6 +113,7 @@ class SWAGLightningCLI(LightningCLI):
         parser.add_class_arguments(SWAGPredictionWriter, "predictions", instantiate=False)
 
     # ------------------------------------------------------------------ instantiation
+    @override
     def instantiate_classes(self) -> None:
         """Instantiate as usual; report argument errors raised by constructors as CLI errors."""
         try:
@@ -119,6 +124,7 @@ class SWAGLightningCLI(LightningCLI):
                 ex=err,
             )
 
+    @override
     def _parse_ckpt_path(self) -> None:
         """Apply the checkpoint's model hyperparameters to the config, as ``LightningCLI`` does, with two
         additions: a damaged checkpoint is a CLI error that names the file, and checkpoints written

@@ -19,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics import MeanMetric, MeanSquaredError, Metric
-from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_swag.batches import default_batch_inputs, default_batch_targets
@@ -372,11 +371,11 @@ class SWAGModule(L.LightningModule):
             and trainer.is_global_zero
             and (total is None or total > 1)
         )
-        return (
-            tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
-            if show
-            else iterable
-        )
+        if not show:
+            return iterable
+        from tqdm.auto import tqdm  # here: importing tqdm.auto warns in notebooks without ipywidgets
+
+        return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
 
     def _batchnorm_buffers(self, chunk_index: int, sampled: dict[str, Tensor]) -> dict[str, Tensor]:
         """BatchNorm statistics recomputed for one chunk of samples (cached for the run)."""

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_swag.batches import default_batch_inputs, default_batch_targets
 from lightning_swag.module import infer_task
@@ -39,7 +40,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
       elements (e.g. the sine grid), or always/never with ``save_inputs=True``/``False``;
     * ``indices`` ``[N]``: dataset index of each row, when the dataloader reports them (a
       ``torch.utils.data.DataLoader``); under DDP :func:`merge_predictions` uses them to put the
-      per-rank files back in dataset order and drop the rows the sampler repeated as padding;
+      per-process files back in dataset order and drop the rows the sampler repeated as padding;
     * ``meta``: a dict (``.pt``) or a JSON string (``.npz``) with ``task``, ``num_samples``,
       ``scale``, ``covariance``, ``seed``, ``global_rank``, ``world_size``, ``dataloader_idx``,
       ``num_rows``.
@@ -92,10 +93,12 @@ class SWAGPredictionWriter(BasePredictionWriter):
         self._records: dict[int, list[dict[str, Tensor]]] = {}
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._records = {}
         self.written = []
 
+    @override
     def write_on_batch_end(
         self,
         trainer: L.Trainer,
@@ -113,6 +116,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
         else:
             self._records.setdefault(dataloader_idx, []).append(record)
 
+    @override
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.write_interval != "epoch":
             return
@@ -228,10 +232,10 @@ def load_predictions(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def merge_predictions(sources: Sequence[str | os.PathLike[str] | dict[str, Any]]) -> dict[str, Any]:
-    """Join the per-rank files (or loaded dicts) of one DDP run into one dict.
+    """Join the per-process files (or loaded dicts) of one DDP run into one dict.
 
     Rows are concatenated in the given order; when every part has ``indices``, they are sorted by
-    dataset index and duplicates (``DistributedSampler`` pads the last ranks by repeating samples)
+    dataset index and duplicates (``DistributedSampler`` pads the last processes' shares by repeating samples)
     are dropped. ``meta`` is the first part's, with ``num_rows`` updated.
     """
     parts = [load_predictions(s) if not isinstance(s, dict) else s for s in sources]

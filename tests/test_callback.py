@@ -271,3 +271,38 @@ def test_swa_lr_annealing_continues_exactly_after_resume(tmp_path) -> None:
         assert resumed_lrs.lrs[epoch] == pytest.approx(full_lrs.lrs[epoch], rel=1e-9), epoch
     torch.testing.assert_close(resumed.posterior.mean, full.posterior.mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(resumed.posterior.deviations, full.posterior.deviations, rtol=0, atol=1e-6)
+
+
+class EveryThirdStepFromTheFirst(SWAGCallback):
+    """A user schedule written the way Lightning's WeightAveraging documents it."""
+
+    def should_update(self, step_idx=None, epoch_idx=None):
+        return step_idx is not None and step_idx % 3 == 0
+
+
+class Epochs0And2(SWAGCallback):
+    def should_update(self, step_idx=None, epoch_idx=None):
+        return epoch_idx in (0, 2)
+
+
+def test_should_update_follows_lightnings_weight_averaging_convention() -> None:
+    """should_update(step_idx=..., epoch_idx=...) gets zero-based indices: step_idx = global_step - 1."""
+    swag, recorder = EveryThirdStepFromTheFirst(max_rank=3), WeightRecorder()
+    _fit([swag, recorder], max_epochs=2)  # 4 batches per epoch: global steps 1..8
+    snapshots = [recorder.by_step[step] for step in (1, 4, 7)]  # step_idx 0, 3, 6
+    _assert_posterior_equals(swag.posterior, snapshots, max_rank=3)
+
+    swag, recorder = Epochs0And2(max_rank=3), WeightRecorder()
+    _fit([swag, recorder], max_epochs=4)
+    _assert_posterior_equals(swag.posterior, [recorder.by_epoch[0], recorder.by_epoch[2]], max_rank=3)
+
+
+class StepsAndEpochs(SWAGCallback):
+    def should_update(self, step_idx=None, epoch_idx=None):
+        return True
+
+
+def test_a_step_and_an_epoch_end_together_give_one_snapshot() -> None:
+    swag, recorder = StepsAndEpochs(max_rank=3), WeightRecorder()
+    _fit([swag, recorder], max_epochs=2)
+    _assert_posterior_equals(swag.posterior, [recorder.by_step[s] for s in range(1, 9)], max_rank=3)
