@@ -19,6 +19,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -161,28 +162,47 @@ class StandardNormalTiles:
         return tile
 
     def diagonal(self, out: Tensor, first_sample: int, first_column: int = 0) -> Tensor:
-        """Fill ``out`` ``[n, c]`` with ``z₁[first_sample : first_sample + n, first_column : first_column + c]``."""
+        """Fill ``out`` ``[n, c]`` with ``z₁[first_sample : first_sample + n, first_column : first_column + c]``.
+
+        Whole one-sample tiles are drawn straight into ``out``, in parallel on
+        ``torch.get_num_threads()`` threads (each tile has its own generator, so the numbers do not
+        depend on the threads); partial tiles are drawn whole and copied.
+        """
         rows, cols = out.shape
         rpt, cpt = self.rows_per_tile, self.cols_per_tile
+        direct: list[tuple[Tensor, int]] = []
         for tile_row in range(first_sample // rpt, (first_sample + rows - 1) // rpt + 1):
             r0, r1 = max(first_sample, tile_row * rpt), min(first_sample + rows, (tile_row + 1) * rpt)
             for tile_col in range(first_column // cpt, (first_column + cols - 1) // cpt + 1):
                 c0, c1 = max(first_column, tile_col * cpt), min(first_column + cols, (tile_col + 1) * cpt)
                 target = out[r0 - first_sample : r1 - first_sample, c0 - first_column : c1 - first_column]
-                full = rpt == 1 and c0 == tile_col * cpt and c1 - c0 == min(cpt, self.num_params - c0)
-                if full and target.dtype == torch.float32 and target.is_contiguous():
-                    # A whole one-sample tile: draw it straight into place (same numbers as _tile).
-                    self._generator.manual_seed(derive_seed(self.seed, tile_row, tile_col))
-                    torch.randn(target.shape, generator=self._generator, out=target)
+                whole = rpt == 1 and c0 == tile_col * cpt and c1 - c0 == min(cpt, self.num_params - c0)
+                if whole and target.dtype == torch.float32 and target.is_contiguous():
+                    direct.append((target, derive_seed(self.seed, tile_row, tile_col)))
                 else:
                     tile = self._tile(tile_row, tile_col)
-                    target.copy_(
-                        tile[
-                            r0 - tile_row * rpt : r1 - tile_row * rpt,
-                            c0 - tile_col * cpt : c1 - tile_col * cpt,
-                        ]
-                    )
+                    rows_in_tile = slice(r0 - tile_row * rpt, r1 - tile_row * rpt)
+                    target.copy_(tile[rows_in_tile, c0 - tile_col * cpt : c1 - tile_col * cpt])
+        self._draw_into(direct)
         return out
+
+    def _draw_into(self, tiles: list[tuple[Tensor, int]]) -> None:
+        """Draw each ``(target, seed)`` tile into its target (the same numbers as :meth:`_tile`)."""
+        workers = min(len(tiles), torch.get_num_threads())
+        if workers <= 1:
+            for target, seed in tiles:
+                self._generator.manual_seed(seed)
+                torch.randn(target.shape, generator=self._generator, out=target)
+            return
+
+        def draw(part: list[tuple[Tensor, int]]) -> None:
+            generator = torch.Generator(device=self.device)
+            for target, seed in part:
+                generator.manual_seed(seed)
+                torch.randn(target.shape, generator=generator, out=target)
+
+        with ThreadPoolExecutor(workers) as pool:  # torch.randn releases the GIL
+            list(pool.map(draw, [tiles[i::workers] for i in range(workers)]))
 
     def low_rank(self, first_sample: int, num_samples: int) -> Tensor:
         """``z₂[first_sample : first_sample + num_samples, :k]`` (float32)."""
@@ -479,12 +499,12 @@ class SWAGPosterior:
             noise = StandardNormalTiles(seed, self.num_params, self.rank, self.device)
             samples = torch.empty(num_samples, self.num_params, dtype=compute_dtype, device=self.device)
             noise.diagonal(samples, first_sample)
-            samples.mul_(std)
+            root = math.sqrt(scale)
+            torch.addcmul(mean, samples, std, value=root, out=samples)  # θ̄ + √scale·√var ⊙ z₁, one pass
             k = self.rank
             if k >= 2 and not diagonal_only:
                 z2 = noise.low_rank(first_sample, num_samples).to(compute_dtype)
-                self._add_low_rank(samples, z2, k)
-            samples.mul_(math.sqrt(scale)).add_(mean)
+                self._add_low_rank(samples, z2, k, root)
         return samples.to(dtype=out_dtype, device=device or self.device)
 
     @staticmethod
@@ -512,12 +532,12 @@ class SWAGPosterior:
             self._sampling_cache[dtype] = (self._mean.to(dtype), std)
         return self._sampling_cache[dtype]
 
-    def _add_low_rank(self, samples: Tensor, z2: Tensor, k: int) -> None:
-        """``samples += z₂ D̂ / √(k − 1)``, converting the deviations in column blocks only when their
+    def _add_low_rank(self, samples: Tensor, z2: Tensor, k: int, root_scale: float) -> None:
+        """``samples += √scale · z₂ D̂ / √(k − 1)``, converting the deviations in column blocks only when their
         dtype differs from the samples' (never a full converted copy of the ``[K, P]`` buffer)."""
         # Rows of the ring buffer in any order give the same D̂ᵀD̂; no reordering needed.
         deviations = self._deviations[:k]
-        alpha = 1.0 / math.sqrt(k - 1)
+        alpha = root_scale / math.sqrt(k - 1)
         if deviations.dtype == samples.dtype:
             samples.addmm_(z2, deviations, alpha=alpha)
             return

@@ -313,3 +313,18 @@ def test_format_1_files_are_still_read(tmp_path) -> None:
     loaded = SWAGPosterior.load(tmp_path / "v1.pt")
     torch.testing.assert_close(loaded.variance, post.variance, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(loaded.deviations, post.deviations, rtol=0, atol=0)
+
+
+def test_the_noise_does_not_depend_on_the_number_of_threads() -> None:
+    from lightning_swag.posterior import NOISE_BLOCK
+
+    post = _walked_posterior({"w": (2 * NOISE_BLOCK + 17,)}, snapshots=3, max_rank=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = post.sample(3, seed=4, dtype=torch.float32)
+        torch.set_num_threads(3)
+        parallel = post.sample(3, seed=4, dtype=torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
