@@ -97,3 +97,42 @@ def test_the_posterior_is_plain_torch() -> None:
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         } & {"lightning_swag.callback", "lightning_swag.module", "lightning_swag.cli"}
         assert not internal, (name, internal)
+
+
+def _readme_dependencies() -> dict[str, set[str]]:
+    """``{module: modules it imports}`` as the README's design diagram states them: the names after
+    ``<-`` on a module's line, and on the lines that continue that list."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("```text\nlightning_swag/\n", 1)[1].split("```", 1)[0]
+    deps: dict[str, set[str]] = {}
+    current, continuing = None, False
+    for line in block.splitlines():
+        entry = re.match(r"^  (\S+)", line)
+        if entry:
+            current = entry.group(1)[:-3] if entry.group(1).endswith(".py") else None
+            if current:
+                deps[current] = set()
+        if current and "<-" in line:
+            listed = line.split("<-", 1)[1]
+            continuing = listed.rstrip().endswith(",")
+        elif current and continuing and re.fullmatch(r"\s+[a-z_]+(, [a-z_]+)*,?", line):
+            listed = line
+            continuing = line.rstrip().endswith(",")
+        else:
+            continue
+        deps[current] |= {part.strip() for part in listed.split(",") if part.strip()}
+    return deps
+
+
+def test_the_readme_diagram_matches_the_imports() -> None:
+    stated = _readme_dependencies()
+    assert set(stated) == {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    for module, listed in stated.items():
+        actual = {
+            name.removeprefix("lightning_swag.")
+            for name in _imports(PACKAGE / f"{module}.py")
+            if name.startswith("lightning_swag.")
+        }
+        assert actual == listed, (module, actual, listed)
