@@ -1,16 +1,21 @@
-"""Uncertainty metrics for classifiers: accuracy, NLL, Brier, ECE, entropy, mutual information, OOD AUROC.
+"""Uncertainty metrics for classifiers (accuracy, NLL, Brier, ECE, entropy, mutual information, OOD
+AUROC) and for regression with a Gaussian noise model (mixture NLL, RMSE, interval coverage,
+calibration error, CRPS).
 
-Inputs are class **probabilities** ``[N, C]`` (for SWAG: already averaged over the Bayesian model
+Classification inputs are class **probabilities** ``[N, C]`` (for SWAG: already averaged over the Bayesian model
 averaging samples) and integer targets ``[N]``. Logarithms are natural (entropies in nats).
 Torchmetrics computes what it has (accuracy, calibration error, AUROC); the rest are one-liners
 checked against explicit loops in the tests.
 
 :class:`UncertaintyMetrics` accumulates the same numbers batch by batch (constant memory,
-summable across processes) for a LightningModule's ``test_step``.
+summable across processes) for a LightningModule's ``test_step``; :class:`RegressionUncertaintyMetrics`
+does the same for the regression metrics (see the "regression" section below).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,6 +27,7 @@ from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
 )
+from torchmetrics.functional.regression import mean_squared_error
 
 EPS = 1e-12
 """Probabilities are clamped to at least this before taking logs."""
@@ -303,3 +309,437 @@ class UncertaintyMetrics(Metric):
             "ece": ece,
             "entropy": self.entropy_sum / total,
         }
+
+
+# ==================================================================================== regression
+# Every regression metric below scores the predictive distribution of Bayesian model averaging
+# with a Gaussian noise model: the equal-weight mixture (1/S) Σ_s N(means[s], variances[s]) over S
+# weight samples. ``means`` is ``[S, N, ...]`` (sample axis first; one Gaussian per point is
+# ``means.unsqueeze(0)``), ``variances`` broadcasts to it (a float σ² for homoscedastic noise) and
+# ``targets`` has one value per point (any shape with ``N·…`` elements).
+
+DEFAULT_COVERAGE_LEVELS: tuple[float, ...] = (0.5, 0.9, 0.95)
+"""Central-interval probabilities whose coverage :func:`regression_metrics` reports."""
+DEFAULT_CALIBRATION_LEVELS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+"""Quantile levels 0.05, 0.10, …, 0.95 of the regression calibration error and curve."""
+_CRPS_CHUNK_ELEMENTS = 2**22  # bounds the [S, S, chunk] pairwise tensor of the CRPS
+_SQRT2 = math.sqrt(2.0)
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for accuracy in the tails of the CDF; float32 where float64 is unsupported (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _mixture_inputs(
+    means: Tensor, variances: Tensor | float, targets: Tensor | None = None, validate: bool = True
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Flatten to ``means [S, N]``, ``variances [S, N]`` and ``targets [N]`` in the working dtype."""
+    if not isinstance(means, Tensor) or means.ndim < 2:
+        shape = tuple(means.shape) if isinstance(means, Tensor) else type(means).__name__
+        raise ValueError(
+            f"means must have shape [S, N, ...] with the weight samples first; got {shape}. "
+            "For a single Gaussian per point pass means.unsqueeze(0)."
+        )
+    dtype = _work_dtype(means.device)
+    num_samples = means.shape[0]
+    variances = torch.as_tensor(variances, device=means.device)
+    try:
+        variances = torch.broadcast_to(variances, means.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"variances of shape {tuple(variances.shape)} do not broadcast to means {tuple(means.shape)}."
+        ) from err
+    m = means.to(dtype).reshape(num_samples, -1)
+    v = variances.to(dtype).reshape(num_samples, -1)
+    if validate and bool((v < 0).any() | ~torch.isfinite(v).all()):
+        raise ValueError(
+            f"variances must be finite and >= 0; got values in [{float(v.min()):.3g}, {float(v.max()):.3g}]."
+        )
+    y = None
+    if targets is not None:
+        if targets.numel() != m.shape[1]:
+            raise ValueError(
+                f"targets must hold one value per point: {m.shape[1]} (means {tuple(means.shape)} without "
+                f"the sample axis), got shape {tuple(targets.shape)}."
+            )
+        y = targets.to(device=means.device, dtype=dtype).reshape(-1)
+    return m, v, y
+
+
+def _normal_cdf(z: Tensor) -> Tensor:
+    return 0.5 * torch.special.erfc(-z / _SQRT2)
+
+
+def _mixture_cdf(m: Tensor, v: Tensor, values: Tensor) -> Tensor:
+    """Mixture CDF at ``values [..., N]`` for components ``m, v [S, N]``."""
+    std = v.clamp_min(torch.finfo(v.dtype).tiny).sqrt()
+    return _normal_cdf((values.unsqueeze(-2) - m) / std).mean(dim=-2)
+
+
+def _mixture_log_prob(m: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    v = v.clamp_min(torch.finfo(v.dtype).tiny)
+    component = -0.5 * (math.log(2 * math.pi) + v.log() + (y - m).square() / v)
+    return torch.logsumexp(component, dim=0) - math.log(m.shape[0])
+
+
+def _reduce(values: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "none":
+        return values
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+
+
+def gaussian_mixture_nll(
+    means: Tensor, variances: Tensor | float, targets: Tensor, reduction: str = "mean"
+) -> Tensor:
+    """Negative log density of ``targets`` under the mixture ``(1/S) Σ_s N(means[s], variances[s])``.
+
+    Computed as ``log S − logsumexp_s log N(y; μ_s, σ²_s)``, stable for far-away targets and tiny
+    variances (clamped at the smallest positive float). Returns the mean over points
+    (``reduction="mean"``, a 0-d tensor) or ``[N]`` values (``"none"``), in nats.
+    """
+    m, v, y = _mixture_inputs(means, variances, targets)
+    return _reduce(-_mixture_log_prob(m, v, y), reduction)
+
+
+def gaussian_mixture_cdf(means: Tensor, variances: Tensor | float, values: Tensor) -> Tensor:
+    """Mixture CDF ``(1/S) Σ_s Φ((value − μ_s) / σ_s)`` at one value per point, shape ``[N]``.
+
+    At the targets this is the probability integral transform (PIT): uniform on [0, 1] for a
+    calibrated predictive.
+    """
+    m, v, y = _mixture_inputs(means, variances, values)
+    return _mixture_cdf(m, v, y)
+
+
+def gaussian_mixture_quantile(
+    means: Tensor, variances: Tensor | float, levels: Tensor | Sequence[float] | float, iterations: int = 64
+) -> Tensor:
+    """Quantiles of the mixture at every point, by bisection on the mixture CDF (all points at once).
+
+    The ``q``-quantile lies between the smallest and the largest component ``q``-quantile (the
+    mixture CDF is ≤ q at the former and ≥ q at the latter), and each of ``iterations`` steps halves
+    that bracket, so 64 steps reach the float64 resolution.
+
+    Args:
+        levels: quantile levels in (0, 1): a float gives ``[N]``, a sequence of ``Q`` levels ``[Q, N]``.
+
+    Returns:
+        The quantiles in the working dtype (float64 except on MPS).
+    """
+    m, v, _ = _mixture_inputs(means, variances)
+    scalar = isinstance(levels, (int, float))
+    q = torch.as_tensor(levels, dtype=m.dtype, device=m.device).reshape(-1)
+    if q.numel() == 0 or bool(((q <= 0) | (q >= 1)).any()):
+        raise ValueError(f"quantile levels must lie in (0, 1), got {q.tolist()}.")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}.")
+    z = _SQRT2 * torch.special.erfinv(2 * q - 1)  # standard normal quantiles [Q]
+    component = m + v.sqrt() * z[:, None, None]  # [Q, S, N]
+    low, high = component.amin(dim=1), component.amax(dim=1)
+    target = q[:, None]
+    for _ in range(iterations):
+        middle = 0.5 * (low + high)
+        below = _mixture_cdf(m, v, middle) < target
+        low = torch.where(below, middle, low)
+        high = torch.where(below, high, middle)
+    result = 0.5 * (low + high)
+    return result[0] if scalar else result
+
+
+def _check_level(level: float, what: str) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"{what} must lie in (0, 1), got {level!r}.")
+
+
+def interval_coverage(
+    means: Tensor, variances: Tensor | float, targets: Tensor, level: float = 0.9
+) -> Tensor:
+    """Fraction of targets inside the central ``level`` interval of their predictive mixture.
+
+    The central interval is ``[Q((1 − level)/2), Q((1 + level)/2)]``; a target lies in it exactly
+    when its PIT value lies in ``[(1 − level)/2, (1 + level)/2]``, which is how it is computed
+    (no quantiles needed). Calibrated intervals cover ``level`` of the targets.
+    """
+    _check_level(level, "level")
+    m, v, y = _mixture_inputs(means, variances, targets)
+    pit = _mixture_cdf(m, v, y)
+    return ((pit - 0.5).abs() <= level / 2).to(m.dtype).mean()
+
+
+def regression_calibration_curve(
+    means: Tensor,
+    variances: Tensor | float,
+    targets: Tensor,
+    levels: Sequence[float] = DEFAULT_CALIBRATION_LEVELS,
+) -> tuple[Tensor, Tensor]:
+    """Nominal quantile levels ``p`` and the observed fraction of targets at or below their ``p``-quantile.
+
+    The calibration curve of Kuleshov et al. (2018, "Accurate uncertainties for deep learning
+    using calibrated regression"): observed ``p̂ = mean_n 1[F_n(y_n) ≤ p]`` against ``p``; a
+    calibrated predictive lies on the diagonal.
+
+    Returns:
+        ``(nominal [L], observed [L])``.
+    """
+    for level in levels:
+        _check_level(level, "each calibration level")
+    m, v, y = _mixture_inputs(means, variances, targets)
+    pit = _mixture_cdf(m, v, y)
+    nominal = torch.as_tensor(list(levels), dtype=m.dtype, device=m.device)
+    observed = (pit[None, :] <= nominal[:, None]).to(m.dtype).mean(dim=1)
+    return nominal, observed
+
+
+def regression_calibration_error(
+    means: Tensor,
+    variances: Tensor | float,
+    targets: Tensor,
+    levels: Sequence[float] = DEFAULT_CALIBRATION_LEVELS,
+) -> Tensor:
+    """Mean absolute gap ``mean_p |p̂ − p|`` of :func:`regression_calibration_curve` over ``levels``.
+
+    Kuleshov et al. (2018) define the calibration error as a weighted *sum of squared* gaps
+    ``Σ_j w_j (p_j − p̂_j)²``; we report the mean *absolute* gap over the levels 0.05, …, 0.95
+    instead, which reads in coverage units (0.03 = quantiles off by 3 points on average; 0 is
+    perfect). A 0-d tensor.
+    """
+    nominal, observed = regression_calibration_curve(means, variances, targets, levels)
+    return (observed - nominal).abs().mean()
+
+
+def _crps_term(mu: Tensor, var: Tensor) -> Tensor:
+    """``E|X|`` for ``X ~ N(mu, var)``: ``2σφ(mu/σ) + mu(2Φ(mu/σ) − 1)``, and ``|mu|`` when ``var = 0``."""
+    std = var.sqrt()
+    positive = std > 0
+    safe_std = torch.where(positive, std, torch.ones_like(std))
+    z = mu / safe_std
+    density = torch.exp(-0.5 * z.square()) / math.sqrt(2 * math.pi)
+    value = 2 * safe_std * density + mu * (2 * _normal_cdf(z) - 1)
+    return torch.where(positive, value, mu.abs())
+
+
+def gaussian_mixture_crps(
+    means: Tensor, variances: Tensor | float, targets: Tensor, reduction: str = "mean"
+) -> Tensor:
+    """Continuous ranked probability score of the mixture, in closed form (lower is better).
+
+    ``CRPS(F, y) = E|X − y| − ½ E|X − X'|`` with ``X, X'`` independent draws of the mixture, which
+    for a Gaussian mixture is ``Σ_i w_i A(y − μ_i, σ²_i) − ½ Σ_ij w_i w_j A(μ_i − μ_j, σ²_i + σ²_j)``
+    with ``A(μ, σ²) = E|N(μ, σ²)|`` (Grimit et al., 2006). With zero variances it is the ensemble
+    CRPS of the sample means (torchmetrics' ``continuous_ranked_probability_score``). Costs
+    ``O(S²)`` per point, evaluated in chunks of points to bound memory.
+    """
+    m, v, y = _mixture_inputs(means, variances, targets)
+    num_samples, num_points = m.shape
+    chunk = max(1, _CRPS_CHUNK_ELEMENTS // (num_samples * num_samples))
+    values = []
+    for start in range(0, num_points, chunk):
+        mc, vc, yc = m[:, start : start + chunk], v[:, start : start + chunk], y[start : start + chunk]
+        to_target = _crps_term(yc - mc, vc).mean(dim=0)
+        pairwise = _crps_term(mc[:, None] - mc[None, :], vc[:, None] + vc[None, :]).mean(dim=(0, 1))
+        values.append(to_target - 0.5 * pairwise)
+    return _reduce(torch.cat(values), reduction)
+
+
+def rmse(predictions: Tensor, targets: Tensor) -> Tensor:
+    """Root mean squared error of point predictions (e.g. the predictive mean), a 0-d tensor.
+
+    ``targets`` may have any shape with as many elements as ``predictions``.
+    """
+    if predictions.numel() != targets.numel() or predictions.numel() == 0:
+        raise ValueError(
+            f"predictions and targets must have the same, non-zero number of elements; got shapes "
+            f"{tuple(predictions.shape)} and {tuple(targets.shape)}."
+        )
+    dtype = _work_dtype(predictions.device)
+    return mean_squared_error(
+        predictions.to(dtype).reshape(-1), targets.to(predictions.device, dtype).reshape(-1), squared=False
+    )
+
+
+def _level_key(level: float) -> str:
+    return f"coverage_{100 * level:g}"
+
+
+def regression_metrics(
+    means: Tensor,
+    variances: Tensor | float,
+    targets: Tensor,
+    coverage_levels: Sequence[float] = DEFAULT_COVERAGE_LEVELS,
+    calibration_levels: Sequence[float] = DEFAULT_CALIBRATION_LEVELS,
+) -> dict[str, float]:
+    """The mixture predictive's metrics as plain floats.
+
+    Keys: ``nll`` (:func:`gaussian_mixture_nll`), ``rmse`` (of the mixture mean), ``crps``,
+    ``calibration_error`` (:func:`regression_calibration_error`), ``mean_std`` (mean predictive
+    std of the mixture) and ``coverage_50``, ``coverage_90``, ``coverage_95`` (one per
+    ``coverage_levels``, :func:`interval_coverage`).
+    """
+    m, v, y = _mixture_inputs(means, variances, targets)
+    epistemic_var, mixture_mean = torch.var_mean(m, dim=0, correction=0)
+    result = {
+        "nll": float(gaussian_mixture_nll(m, v, y)),
+        "rmse": float(rmse(mixture_mean, y)),
+        "crps": float(gaussian_mixture_crps(m, v, y)),
+        "calibration_error": float(regression_calibration_error(m, v, y, calibration_levels)),
+        "mean_std": float((epistemic_var + v.mean(dim=0)).sqrt().mean()),
+    }
+    for level in coverage_levels:
+        result[_level_key(level)] = float(interval_coverage(m, v, y, level))
+    return result
+
+
+def fit_gaussian_noise(
+    means: Tensor, targets: Tensor, grid_size: int = 64, tolerance: float = 1e-10
+) -> float:
+    """Maximum-likelihood homoscedastic noise ``σ`` of the mixture ``(1/S) Σ_s N(means[s], σ²)``.
+
+    Minimises :func:`gaussian_mixture_nll` over ``log σ``, deterministically. At every stationary
+    point ``σ²`` is a responsibility-weighted average of the squared residuals ``r²_sn`` (for each
+    point the weights over ``s`` sum to 1), so the minimum lies in
+    ``[sqrt(mean_n min_s r²), sqrt(mean_n max_s r²)]``; a ``grid_size``-point log-spaced grid over
+    that bracket locates it and golden-section search refines it to ``tolerance`` in ``log σ``.
+    With one sample (``S = 1``) this is the root mean squared residual.
+
+    Args:
+        means: per-sample predictive means on held-out data, ``[S, N, ...]``.
+        targets: the held-out targets (``N·…`` elements).
+
+    Returns:
+        σ as a float.
+    """
+    if grid_size < 3:
+        raise ValueError(f"grid_size must be >= 3, got {grid_size}.")
+    m, _, y = _mixture_inputs(means, 0.0, targets)
+    squared = (y - m).square()
+    upper = float(squared.amax(dim=0).mean().sqrt())
+    lower = float(squared.amin(dim=0).mean().sqrt())
+    if not math.isfinite(upper):
+        raise ValueError("means or targets hold NaN or infinite values.")
+    if upper == 0:
+        raise ValueError("Every sample predicts every target exactly; the maximum-likelihood noise is 0.")
+    if lower == upper:
+        return upper
+    lower = max(lower, upper * 1e-8)  # the likelihood is unbounded only if residuals vanish
+
+    def objective(log_sigma: float) -> float:
+        variance = torch.tensor(math.exp(2 * log_sigma), dtype=m.dtype, device=m.device)
+        return float(-_mixture_log_prob(m, variance.expand_as(m), y).mean())
+
+    grid = torch.linspace(math.log(lower), math.log(upper), grid_size, dtype=torch.float64).tolist()
+    values = [objective(t) for t in grid]
+    best = min(range(grid_size), key=values.__getitem__)
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, grid_size - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = objective(c), objective(d)
+    while b - a > tolerance:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = objective(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = objective(d)
+    return math.exp(0.5 * (a + b))
+
+
+class RegressionUncertaintyMetrics(Metric):
+    """Accumulates :func:`regression_metrics` over batches; ``compute()`` returns the same keys.
+
+    Keeps running sums and, per coverage and calibration level, a count of targets, so memory does
+    not grow with the data set and states sum across processes. Every value equals the function
+    on the concatenated data.
+
+    Usage in a LightningModule::
+
+        self.test_metrics = RegressionUncertaintyMetrics()         # in __init__
+        self.test_metrics.update(sample_means, variances, targets)  # in test_step, means [S, B, ...]
+        self.log_dict({f"test_{k}": v for k, v in self.test_metrics.compute().items()})
+        self.test_metrics.reset()                                   # in on_test_epoch_end
+
+    Args:
+        coverage_levels: central-interval probabilities whose coverage is reported.
+        calibration_levels: quantile levels of the calibration error.
+        validate_args: check shapes and that variances are finite and >= 0 at each ``update``.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    nll_sum: Tensor
+    squared_error_sum: Tensor
+    crps_sum: Tensor
+    std_sum: Tensor
+    count: Tensor
+    coverage_count: Tensor
+    calibration_count: Tensor
+
+    def __init__(
+        self,
+        coverage_levels: Sequence[float] = DEFAULT_COVERAGE_LEVELS,
+        calibration_levels: Sequence[float] = DEFAULT_CALIBRATION_LEVELS,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__()
+        for level in coverage_levels:
+            _check_level(level, "each coverage level")
+        for level in calibration_levels:
+            _check_level(level, "each calibration level")
+        if not calibration_levels:
+            raise ValueError("calibration_levels must not be empty.")
+        self.coverage_levels = tuple(float(level) for level in coverage_levels)
+        self.calibration_levels = tuple(float(level) for level in calibration_levels)
+        self.validate_args = validate_args
+        # Counts are int64 (exact); sums are float32 (float64 is unsupported on MPS).
+        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        for name in ("nll_sum", "squared_error_sum", "crps_sum", "std_sum"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state(
+            "coverage_count",
+            default=torch.zeros(len(self.coverage_levels), dtype=torch.int64),
+            dist_reduce_fx="sum",
+        )
+        self.add_state(
+            "calibration_count",
+            default=torch.zeros(len(self.calibration_levels), dtype=torch.int64),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, means: Tensor, variances: Tensor | float, targets: Tensor) -> None:
+        """Add a batch: per-sample means ``[S, B, ...]``, variances broadcastable to them, targets."""
+        m, v, y = _mixture_inputs(means, variances, targets, validate=self.validate_args)
+        epistemic_var, mixture_mean = torch.var_mean(m, dim=0, correction=0)
+        pit = _mixture_cdf(m, v, y)
+        coverage = torch.as_tensor(self.coverage_levels, dtype=m.dtype, device=m.device)
+        calibration = torch.as_tensor(self.calibration_levels, dtype=m.dtype, device=m.device)
+        self.nll_sum += -_mixture_log_prob(m, v, y).sum().float()
+        self.squared_error_sum += (mixture_mean - y).square().sum().float()
+        self.crps_sum += gaussian_mixture_crps(m, v, y, reduction="none").sum().float()
+        self.std_sum += (epistemic_var + v.mean(dim=0)).sqrt().sum().float()
+        self.count += y.numel()
+        self.coverage_count += ((pit - 0.5).abs()[None, :] <= coverage[:, None] / 2).sum(dim=1)
+        self.calibration_count += (pit[None, :] <= calibration[:, None]).sum(dim=1)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``nll``, ``rmse``, ``crps``, ``calibration_error``, ``mean_std``, ``coverage_<level>``: 0-d tensors."""
+        if self.count == 0:
+            raise ValueError("RegressionUncertaintyMetrics.compute() called before any update().")
+        total = self.count.float()
+        nominal = torch.as_tensor(self.calibration_levels, device=total.device)
+        observed = self.calibration_count.float() / total
+        result = {
+            "nll": self.nll_sum / total,
+            "rmse": (self.squared_error_sum / total).sqrt(),
+            "crps": self.crps_sum / total,
+            "calibration_error": (observed - nominal).abs().mean(),
+            "mean_std": self.std_sum / total,
+        }
+        for level, count in zip(self.coverage_levels, self.coverage_count, strict=True):
+            result[_level_key(level)] = count.float() / total
+        return result

@@ -25,15 +25,37 @@ from lightning_swag.batches import default_batch_inputs, default_batch_targets
 from lightning_swag.batchnorm import batches_to_use, has_batchnorm, refresh_batchnorm_batched
 from lightning_swag.callback import readable_checkpoint_errors
 from lightning_swag.checkpoint import MODULE_POSTERIORS_KEY, posterior_states
-from lightning_swag.metrics import UncertaintyMetrics, nll
+from lightning_swag.metrics import (
+    RegressionUncertaintyMetrics,
+    UncertaintyMetrics,
+    fit_gaussian_noise,
+    gaussian_mixture_nll,
+    nll,
+)
 from lightning_swag.posterior import SWAGPosterior, canonical_name, derive_seed, unwrap_model
-from lightning_swag.summaries import summarize_classification, summarize_regression
+from lightning_swag.summaries import (
+    heteroscedastic_mean_variance,
+    summarize_classification,
+    summarize_gaussian_mixture,
+    summarize_regression,
+)
 from lightning_swag.vectorize import OutputTypeError, SampleMap, Vectorize, choose_vectorization
 
 __all__ = ["SWAGModule", "infer_task"]
 
 Task = Literal["regression", "classification"]
 Covariance = Literal["low_rank", "diagonal"]
+Noise = float | Literal["heteroscedastic"] | None
+_REGRESSION_TEST_KEYS = (
+    "nll",
+    "rmse",
+    "crps",
+    "calibration_error",
+    "mean_std",
+    "coverage_50",
+    "coverage_90",
+    "coverage_95",
+)
 
 # Upper bound on the bytes of one chunk of sampled weights, used to pick a chunk size.
 _CHUNK_BYTES = 256 * 2**20
@@ -113,7 +135,18 @@ class SWAGModule(L.LightningModule):
             of ``bn_loader`` for the refresh.
         output_transform: maps the model's raw output to the tensor to average, for models whose
             ``forward`` returns a tuple, a dict or an object (e.g. ``lambda out: out["logits"]``).
-            It runs once per weight sample.
+            It runs once per weight sample. With ``noise="heteroscedastic"`` it may instead return
+            a ``(mean, variance)`` pair of tensors.
+        noise: the noise model of a regression (``task="regression"``), for a predictive with a
+            likelihood. ``None``: the spread of the sampled outputs only (epistemic). A float
+            ``σ > 0``: homoscedastic Gaussian noise (``fit_noise`` sets it by maximum likelihood).
+            ``"heteroscedastic"``: the model predicts its own noise; the last dimension of its
+            output is 2, holding the mean and the log-variance (or ``output_transform`` returns a
+            ``(mean, variance)`` pair). The predictive is then the equal-weight mixture of
+            ``N(mean_s, variance_s)`` over the weight samples ``s``, and the output has ``mean``,
+            ``std`` (total), ``epistemic_std`` (spread of the sample means) and ``aleatoric_std``
+            (root of the mean noise variance); ``return_samples`` adds ``samples`` (the sample
+            means) and ``sample_variances``.
 
     Batch layout: inputs and targets are found by :meth:`batch_inputs` and :meth:`batch_targets`
     (default: ``batch[0]`` and ``batch[1]`` of a tuple/list, or a bare input tensor). Override these
@@ -135,7 +168,8 @@ class SWAGModule(L.LightningModule):
         vectorize: Vectorize | bool = "auto",
         bn_loader: Iterable[Any] | L.LightningDataModule | None = None,
         bn_num_batches: int | float | None = None,
-        output_transform: Callable[[Any], Tensor] | None = None,
+        output_transform: Callable[[Any], Any] | None = None,
+        noise: Noise = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -169,10 +203,17 @@ class SWAGModule(L.LightningModule):
             raise ValueError(
                 f"bn_num_batches must be an int >= 1, a float in (0, 1] or None, got {bn_num_batches!r}."
             )
+        _check_noise(noise)
         self.model = unwrap_model(model)
         self.num_samples = num_samples
         self.scale = float(scale)
         self.task: Task = task if task is not None else infer_task(self.model)
+        if noise is not None and self.task != "regression":
+            raise ValueError(
+                f"noise={noise!r} is a noise model for regression, but task is {self.task!r}. Leave noise=None "
+                "for classification (the softmax is its likelihood), or pass task='regression'."
+            )
+        self.noise: Noise = float(noise) if isinstance(noise, (int, float)) else noise
         self.covariance = covariance
         self.return_samples = return_samples
         self.seed = seed
@@ -246,20 +287,47 @@ class SWAGModule(L.LightningModule):
     @override
     def forward(self, x: Any) -> dict[str, Tensor]:
         """BMA summary of the outputs for input ``x`` (see :meth:`predict_step`)."""
-        outputs = self.sample_outputs(x)
-        summary = (
-            summarize_classification(outputs)
-            if self.task == "classification"
-            else summarize_regression(outputs)
-        )
+        if self.task == "classification" or self.noise is None:
+            outputs = self.sample_outputs(x)
+            summary = (
+                summarize_classification(outputs)
+                if self.task == "classification"
+                else summarize_regression(outputs)
+            )
+            if self.return_samples:
+                summary["samples"] = outputs
+            return summary
+        means, variances = self.sample_components(x)
+        summary = summarize_gaussian_mixture(means, variances)
         if self.return_samples:
-            summary["samples"] = outputs
+            summary["samples"] = means
+            summary["sample_variances"] = variances.expand_as(means)
         return summary
+
+    def sample_components(self, x: Any) -> tuple[Tensor, Tensor]:
+        """Per-weight-sample predictive means and noise variances ``[S, B, ...]`` of a regression with
+        a noise model (the components of the predictive mixture)."""
+        if self.noise is None:
+            raise ValueError(
+                "sample_components needs a noise model: SWAGModule(..., noise=σ or 'heteroscedastic'), "
+                "or fit_noise(held_out_loader) first."
+            )
+        outputs = self.sample_outputs(x)
+        if self.noise == "heteroscedastic":
+            if isinstance(outputs, tuple):
+                means, variances = outputs
+                if bool((variances < 0).any()):
+                    raise ValueError("output_transform returned negative variances; return (mean, variance).")
+                return means, variances
+            return heteroscedastic_mean_variance(outputs)
+        assert isinstance(self.noise, float)
+        return outputs, torch.full((), self.noise**2, dtype=outputs.dtype, device=outputs.device)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """One dict per batch: ``mean``, ``std`` (+ ``entropy``, ``mutual_information`` for
-        classification, + ``samples`` when ``return_samples``)."""
+        classification, + ``epistemic_std``, ``aleatoric_std`` for a regression with a noise model,
+        + ``samples`` when ``return_samples``)."""
         return self(self.batch_inputs(batch))
 
     @override
@@ -292,7 +360,8 @@ class SWAGModule(L.LightningModule):
 
     @torch.no_grad()
     def sample_outputs(self, x: Any) -> Tensor:
-        """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]``.
+        """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]`` (a pair of such
+        tensors when a heteroscedastic ``output_transform`` returns ``(mean, variance)``).
 
         The model runs in eval mode (dropout off, BatchNorm on running statistics); the train/eval
         mode of each of its modules is restored afterwards.
@@ -320,7 +389,11 @@ class SWAGModule(L.LightningModule):
             self._forward_chunk(params, x, self._batchnorm_buffers(i, params))
             for i, params in enumerate(chunks)
         ]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        if len(outputs) == 1:
+            return outputs[0]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*outputs, strict=True))  # type: ignore[return-value]
+        return torch.cat(outputs, dim=0)
 
     def iter_weight_samples(self) -> Iterator[dict[str, Tensor]]:
         """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device and dtype.
@@ -413,10 +486,17 @@ class SWAGModule(L.LightningModule):
             )
         return self._sample_map
 
-    def _model_output(self, raw: Any) -> Tensor:
+    def _model_output(self, raw: Any) -> Tensor | tuple[Tensor, Tensor]:
         """The tensor to average from one forward pass (through ``output_transform`` when given)."""
         if self.output_transform is not None:
             raw = self.output_transform(raw)
+        if (
+            self.noise == "heteroscedastic"
+            and isinstance(raw, tuple)
+            and len(raw) == 2
+            and all(isinstance(part, Tensor) for part in raw)
+        ):
+            return raw  # (mean, variance)
         if not isinstance(raw, Tensor):
             hint = (
                 "output_transform returned"
@@ -446,24 +526,36 @@ class SWAGModule(L.LightningModule):
 
         Classification: ``test_accuracy``, ``test_nll``, ``test_brier``, ``test_ece`` (15 bins),
         ``test_entropy`` and ``test_mutual_information`` of the BMA probabilities.
-        Regression: ``test_rmse`` of the BMA mean and ``test_mean_std``. With several test
+        Regression: ``test_rmse`` of the BMA mean and ``test_mean_std``; with a noise model also
+        the mixture's ``test_nll``, ``test_crps``, ``test_calibration_error`` (mean absolute
+        miscalibration over quantile levels 0.05..0.95) and ``test_coverage_50/90/95`` of the
+        central intervals (see :class:`~lightning_swag.metrics.RegressionUncertaintyMetrics`). With several test
         dataloaders the names get Lightning's ``/dataloader_idx_<k>`` suffix, and each loader's
         values are those of testing it alone.
         """
         targets = self.batch_targets(batch)
-        out = self(self.batch_inputs(batch))
-        metrics = self._test_metrics_for(dataloader_idx, out)
-        if self.task == "classification":
-            metrics["probabilities"].update(out["mean"], targets)
-            metrics["mutual_information"].update(out["mutual_information"])
-            for key in ("accuracy", "nll", "brier", "ece", "entropy"):
-                metrics[key].update()
-        else:
+        inputs = self.batch_inputs(batch)
+        if self.task == "regression" and self.noise is not None:
+            means, variances = self.sample_components(inputs)
+            out = summarize_gaussian_mixture(means, variances)
+            metrics = self._test_metrics_for(dataloader_idx, out)
             targets = self._regression_targets(targets, out["mean"])
-            metrics["rmse"].update(out["mean"], targets)
-            metrics["mean_std"].update(out["std"])
+            metrics["source"].update(means, variances, targets)
+        else:
+            out = self(inputs)
+            metrics = self._test_metrics_for(dataloader_idx, out)
+            if self.task == "classification":
+                metrics["source"].update(out["mean"], targets)
+                metrics["mutual_information"].update(out["mutual_information"])
+            else:
+                targets = self._regression_targets(targets, out["mean"])
+                metrics["rmse"].update(out["mean"], targets)
+                metrics["mean_std"].update(out["std"])
+        for metric in metrics.values():
+            if isinstance(metric, _MetricValue):
+                metric.update()
         for key, metric in metrics.items():
-            if key != "probabilities":
+            if key != "source":
                 self.log(
                     f"test_{key}",
                     metric,
@@ -480,16 +572,17 @@ class SWAGModule(L.LightningModule):
     def _test_metrics_for(self, dataloader_idx: int, out: dict[str, Tensor]) -> nn.ModuleDict:
         key = str(dataloader_idx)
         if key not in self._test_metrics:
+            metrics: dict[str, Metric]
             if self.task == "classification":
-                probabilities = UncertaintyMetrics(num_classes=out["mean"].shape[-1])
-                metrics: dict[str, Metric] = {"probabilities": probabilities}
+                source: Metric = UncertaintyMetrics(num_classes=out["mean"].shape[-1])
+                metrics = {"source": source}
                 metrics.update(
-                    {
-                        k: _MetricValue(probabilities, k)
-                        for k in ("accuracy", "nll", "brier", "ece", "entropy")
-                    }
+                    {k: _MetricValue(source, k) for k in ("accuracy", "nll", "brier", "ece", "entropy")}
                 )
                 metrics["mutual_information"] = MeanMetric()
+            elif self.noise is not None:
+                source = RegressionUncertaintyMetrics()
+                metrics = {"source": source, **{k: _MetricValue(source, k) for k in _REGRESSION_TEST_KEYS}}
             else:
                 metrics = {"rmse": MeanSquaredError(squared=False), "mean_std": MeanMetric()}
             self._test_metrics[key] = nn.ModuleDict(metrics).to(out["mean"].device)
@@ -510,19 +603,22 @@ class SWAGModule(L.LightningModule):
             f"{tuple(mean.shape)}: give one target per output (or override SWAGModule.batch_targets)."
         )
 
-    # ------------------------------------------------------------------ scale selection
+    # ------------------------------------------------------------------ held-out tuning
     @torch.no_grad()
     def tune_scale(
         self,
         dataloader: Iterable[Any] | L.LightningDataModule,
         scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
     ) -> dict[float, float]:
-        """Set ``scale`` to the candidate with the lowest BMA negative log-likelihood on held-out data.
+        """Set ``scale`` to the candidate with the lowest predictive negative log-likelihood on held-out data.
 
         The covariance scale trades calibration against sharpness, and the best value depends on
         the model and the collection learning rate; choose it on a validation set, never on the
         test set. Every candidate is scored with the same standard-normal draws (only their scale
-        differs), so the comparison is not blurred by sampling noise.
+        differs), so the comparison is not blurred by sampling noise. Classification scores the
+        NLL of the BMA probabilities; regression needs a noise model and scores the NLL of the
+        predictive mixture. With a homoscedastic ``noise=σ``, σ is refit by maximum likelihood for
+        every candidate (scale and σ trade off) and the best pair is kept.
 
         Args:
             dataloader: labelled held-out batches (read with :meth:`batch_inputs` and
@@ -532,37 +628,39 @@ class SWAGModule(L.LightningModule):
                 largest (or the smallest non-zero) candidate.
 
         Returns:
-            ``{scale: mean NLL}`` for every candidate. Classification only: for regression the
-            averaged outputs define no likelihood without a noise model.
+            ``{scale: mean NLL}`` for every candidate.
         """
-        if self.task != "classification":
+        if self.task == "regression" and self.noise is None:
             raise ValueError(
-                "tune_scale needs task='classification': the BMA of a regression model gives a mean "
-                "and a spread but no likelihood without a noise model. Choose scale by hand there."
+                "tune_scale needs a likelihood: for regression pass a noise model, SWAGModule(..., "
+                "noise=σ or noise='heteroscedastic'), or call fit_noise(held_out_loader) first."
             )
         candidates = [float(s) for s in scales]
         if not candidates or not all(math.isfinite(s) and s >= 0 for s in candidates):
             raise ValueError(f"scales must be a non-empty sequence of finite numbers >= 0, got {scales!r}.")
-        self._require_posteriors()
-        device = self._model_device()
-        batches = []
-        for batch in self._resolve_loader(dataloader, "val"):
-            targets = self.batch_targets(batch)
-            batches.append((self._to_device(self.batch_inputs(batch), device), targets.to(device)))
-        if not batches:
-            raise ValueError("tune_scale got an empty dataloader.")
+        batches = self._held_out(dataloader, "tune_scale")
         run_seed = self.seed if self.seed is not None else self._fresh_seed()
         scores: dict[float, float] = {}
+        fitted_noise: dict[float, float] = {}
         for scale in candidates:
             self.scale = scale
             self.reset_samples()
             self._run_seed = run_seed
-            total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-            for inputs, targets in batches:
-                total += nll(self(inputs)["mean"], targets).double() * targets.numel()
-                count += targets.numel()
-            scores[scale] = float(total / count)
+            if self.task == "classification":
+                total, count = 0.0, 0
+                for inputs, targets in batches:
+                    total += float(nll(self(inputs)["mean"], targets).double()) * targets.numel()
+                    count += targets.numel()
+                scores[scale] = total / count
+                continue
+            means, variances, targets = self._held_out_components(batches)
+            if isinstance(self.noise, float):
+                fitted_noise[scale] = fit_gaussian_noise(means, targets)
+                variances = torch.full((), fitted_noise[scale] ** 2, dtype=means.dtype, device=means.device)
+            scores[scale] = float(gaussian_mixture_nll(means, variances, targets))
         self.scale = min(scores, key=scores.__getitem__)
+        if fitted_noise:
+            self.noise = fitted_noise[self.scale]
         self.reset_samples()
         at_edge = self.scale == max(candidates) or (self.scale == min(candidates) and self.scale > 0)
         if len(set(candidates)) > 1 and at_edge:
@@ -572,6 +670,61 @@ class SWAGModule(L.LightningModule):
                 stacklevel=3,  # past torch.no_grad's wrapper, to the caller
             )
         return scores
+
+    @torch.no_grad()
+    def fit_noise(self, dataloader: Iterable[Any] | L.LightningDataModule) -> float:
+        """Set a homoscedastic ``noise`` σ by maximum likelihood of the predictive mixture on held-out
+        data, and return it (regression; the weight samples are those of ``seed``).
+
+        The predictive is the mixture over weight samples of ``N(mean_s(x), σ²)``; σ maximises its
+        likelihood of the held-out targets (:func:`~lightning_swag.metrics.fit_gaussian_noise`).
+        Fit it on validation data, never on the test set.
+
+        Args:
+            dataloader: labelled held-out batches, or a LightningDataModule (its ``val_dataloader``).
+        """
+        if self.task != "regression":
+            raise ValueError(f"fit_noise is for regression; this module's task is {self.task!r}.")
+        if self.noise == "heteroscedastic":
+            raise ValueError(
+                "fit_noise fits a homoscedastic σ, but noise='heteroscedastic': the model predicts its own noise."
+            )
+        batches = self._held_out(dataloader, "fit_noise")
+        self.reset_samples()
+        if self.seed is not None:
+            self._run_seed = self.seed
+        outputs = [self.sample_outputs(inputs) for inputs, _ in batches]
+        targets = torch.cat(
+            [
+                self._regression_targets(t, out[0]).reshape(-1)
+                for (_, t), out in zip(batches, outputs, strict=True)
+            ]
+        )
+        means = torch.cat([out.reshape(out.shape[0], -1) for out in outputs], dim=1)
+        self.noise = fit_gaussian_noise(means, targets)
+        return self.noise
+
+    def _held_out(self, dataloader: Any, what: str) -> list[tuple[Any, Tensor]]:
+        """The labelled batches of a loader or DataModule (its validation loader), on the model's device."""
+        self._require_posteriors()
+        device = self._model_device()
+        batches = []
+        for batch in self._resolve_loader(dataloader, "val"):
+            targets = self.batch_targets(batch)
+            batches.append((self._to_device(self.batch_inputs(batch), device), targets.to(device)))
+        if not batches:
+            raise ValueError(f"{what} got an empty dataloader.")
+        return batches
+
+    def _held_out_components(self, batches: list[tuple[Any, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample means and variances ``[S, N]`` and targets ``[N]`` over all held-out batches."""
+        means, variances, targets = [], [], []
+        for inputs, batch_targets in batches:
+            m, v = self.sample_components(inputs)
+            targets.append(self._regression_targets(batch_targets, m[0]).reshape(-1))
+            means.append(m.reshape(m.shape[0], -1))
+            variances.append(v.expand_as(m).reshape(m.shape[0], -1))
+        return torch.cat(means, dim=1), torch.cat(variances, dim=1), torch.cat(targets)
 
     @staticmethod
     def _to_device(data: Any, device: torch.device) -> Any:
@@ -616,6 +769,17 @@ class SWAGModule(L.LightningModule):
                 "SWAGModule has no posterior: pass posterior=swag.posterior, or restore it with "
                 "trainer.predict(module, ckpt_path=...) from a checkpoint written with SWAGCallback."
             )
+
+
+def _check_noise(noise: Any) -> None:
+    if noise is None or noise == "heteroscedastic":
+        return
+    if isinstance(noise, bool) or not (
+        isinstance(noise, (int, float)) and math.isfinite(noise) and noise > 0
+    ):
+        raise ValueError(
+            f"noise must be None, a noise standard deviation σ > 0 or 'heteroscedastic', got {noise!r}."
+        )
 
 
 def _check_scale(scale: Any) -> None:

@@ -21,7 +21,7 @@ from lightning_swag.module import infer_task
 __all__ = ["SWAGPredictionWriter", "load_predictions", "merge_predictions"]
 
 #: Keys whose tensors have the sample axis first (``[S, B, ...]``): batches are joined along dim 1.
-_SAMPLE_MAJOR_KEYS = ("samples",)
+_SAMPLE_MAJOR_KEYS = ("samples", "sample_variances")
 
 
 class SWAGPredictionWriter(BasePredictionWriter):

@@ -285,7 +285,7 @@ def test_tune_scale_rejects_bad_input() -> None:
     net = _classifier()
     post = _posterior_for(net)
     loader = [(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))]
-    with pytest.raises(ValueError, match="classification"):
+    with pytest.raises(ValueError, match="noise model"):
         SWAGModule(net, post, task="regression").tune_scale(loader)
     bma = SWAGModule(net, post, task="classification")
     with pytest.raises(ValueError, match="scales"):
@@ -479,3 +479,130 @@ def test_regression_targets_of_another_shape_are_a_clear_error() -> None:
     loader = DataLoader(TensorDataset(torch.randn(12, 2), torch.randn(12, 3)), batch_size=6)
     with pytest.raises(ValueError, match=r"targets of shape \(6, 3\).*outputs of shape \(6, 2\)"):
         L.Trainer(**QUIET).test(SWAGModule(net, post, num_samples=2, seed=0), loader)
+
+
+# ---------------------------------------------------------------------- regression with a noise model
+
+
+def _hetero_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 2))  # (mean, log-variance)
+
+
+def _explicit_components(net, post, x, num_samples, scale, seed):
+    """Per-sample (mean, variance) the independent way: load each sample, run the model, split."""
+    outputs = _explicit_outputs(net, post, x, num_samples, scale, seed)  # [S, B, 2]
+    return outputs[..., 0], outputs[..., 1].exp()
+
+
+def test_heteroscedastic_bma_is_the_gaussian_mixture_of_the_samples() -> None:
+    net = _hetero_net()
+    post = _posterior_for(net, snapshots=8, max_rank=5)
+    x = torch.linspace(-3, 3, 11).unsqueeze(1)
+    out = SWAGModule(net, post, num_samples=7, seed=2, noise="heteroscedastic", return_samples=True)(x)
+    means, variances = _explicit_components(net, post, x, 7, 0.5, 2)
+    # law of total variance, written out
+    mixture_mean = means.mean(0)
+    epistemic = ((means - mixture_mean) ** 2).mean(0)
+    aleatoric = variances.mean(0)
+    torch.testing.assert_close(out["mean"], mixture_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["epistemic_std"], epistemic.sqrt(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["aleatoric_std"], aleatoric.sqrt(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["std"], (epistemic + aleatoric).sqrt(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["samples"], means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["sample_variances"], variances, rtol=1e-5, atol=1e-6)
+    # an output_transform returning (mean, variance) is the same model
+    pair = SWAGModule(
+        net,
+        post,
+        num_samples=7,
+        seed=2,
+        noise="heteroscedastic",
+        output_transform=lambda o: (o[..., 0], o[..., 1].exp()),
+    )(x)
+    for key in ("mean", "std", "epistemic_std", "aleatoric_std"):
+        torch.testing.assert_close(pair[key], out[key], rtol=1e-5, atol=1e-6)
+
+
+def test_homoscedastic_noise_adds_sigma_squared_to_the_spread() -> None:
+    net = _regressor()
+    post = _posterior_for(net)
+    x = torch.randn(5, 2)
+    plain = SWAGModule(net, post, num_samples=6, seed=1)(x)
+    noisy = SWAGModule(net, post, num_samples=6, seed=1, noise=0.3)(x)
+    torch.testing.assert_close(noisy["mean"], plain["mean"])
+    torch.testing.assert_close(noisy["epistemic_std"], plain["std"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(noisy["aleatoric_std"], torch.full_like(plain["std"], 0.3))
+    torch.testing.assert_close(noisy["std"], (plain["std"] ** 2 + 0.09).sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_fit_noise_is_the_maximum_likelihood_sigma_of_the_mixture() -> None:
+    from lightning_swag import metrics
+
+    net = _regressor()
+    post = _posterior_for(net)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 2, generator=g)
+    y = net(x).detach() + 0.4 * torch.randn(60, 2, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=25)
+    bma = SWAGModule(net, post, num_samples=9, seed=4)
+    sigma = bma.fit_noise(loader)
+    assert bma.noise == sigma
+    means = _explicit_outputs(net, post, x, 9, 0.5, 4)  # [S, 60, 2]
+    expected = metrics.fit_gaussian_noise(means, y)
+    assert sigma == pytest.approx(expected, rel=1e-4)
+    # the likelihood really is largest there
+    nll_at = [float(metrics.gaussian_mixture_nll(means, (sigma * f) ** 2, y)) for f in (0.9, 1.0, 1.1)]
+    assert nll_at[1] < min(nll_at[0], nll_at[2])
+    with pytest.raises(ValueError, match="heteroscedastic"):
+        SWAGModule(_hetero_net(), _posterior_for(_hetero_net()), noise="heteroscedastic").fit_noise(loader)
+
+
+def test_tune_scale_for_regression_scores_the_mixture_nll() -> None:
+    from lightning_swag import metrics
+
+    net = _hetero_net()
+    post = _posterior_for(net, snapshots=8)
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(50, 1, generator=g) * 6 - 3
+    y = torch.sin(x).squeeze(1) + 0.2 * torch.randn(50, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    bma = SWAGModule(net, post, num_samples=8, seed=3, noise="heteroscedastic")
+    scores = bma.tune_scale(loader, scales=[0.0, 0.5, 2.0])
+    for scale, score in scores.items():
+        means, variances = _explicit_components(net, post, x, 8, scale, 3)
+        expected = metrics.gaussian_mixture_nll(means.squeeze(-1), variances.squeeze(-1), y)
+        assert score == pytest.approx(float(expected), rel=1e-5)
+    assert bma.scale == min(scores, key=scores.get)
+
+
+def test_trainer_test_reports_the_mixture_metrics() -> None:
+    from lightning_swag import metrics
+
+    net = _hetero_net()
+    post = _posterior_for(net, snapshots=8)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(70, 1, generator=g) * 6 - 3
+    y = torch.sin(x) + 0.3 * torch.randn(70, 1, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    logged = L.Trainer(**QUIET).test(
+        SWAGModule(net, post, num_samples=6, seed=8, noise="heteroscedastic"), loader
+    )[0]
+    means, variances = _explicit_components(net, post, x, 6, 0.5, 8)
+    expected = metrics.regression_metrics(means, variances, y.squeeze(1))
+    assert set(logged) == {f"test_{k}" for k in expected}
+    for key, value in expected.items():
+        assert logged[f"test_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("noise", [0.0, -1.0, float("nan"), "homoscedastic", True])
+def test_bad_noise_models_are_refused(noise) -> None:
+    net = _regressor()
+    with pytest.raises(ValueError, match="noise"):
+        SWAGModule(net, _posterior_for(net), noise=noise)
+
+
+def test_a_noise_model_needs_regression() -> None:
+    net = _classifier()
+    with pytest.raises(ValueError, match="noise model for regression"):
+        SWAGModule(net, _posterior_for(net), task="classification", noise=0.5)

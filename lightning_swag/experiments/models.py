@@ -1,17 +1,22 @@
-"""Reference LightningModules of the two experiments (sine regression, MNIST classification).
+"""Reference LightningModules of the experiments (sine regression, MNIST classification, and
+regression with a learned noise model).
 
 They are ordinary LightningModules: nothing in them knows about SWAG. ``forward`` returns raw
-outputs (regression values, or logits for classification), which is what :class:`SWAGModule`
-expects.
+outputs (regression values, ``(mean, log-variance)`` pairs, or logits for classification), which
+is what :class:`SWAGModule` expects.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+
+from lightning_swag.summaries import heteroscedastic_mean_variance
 
 OptimizerName = Literal["sgd", "adam"]
 
@@ -123,6 +128,107 @@ class SineRegressor(_ReferenceModule):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return nn.functional.mse_loss(outputs, targets)
+
+
+def gaussian_nll_from_log_variance(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean Gaussian negative log-likelihood (nats, with the ``log 2π`` constant) of ``targets``
+    under ``N(outputs[..., 0], exp(outputs[..., 1]))``.
+
+    Written with the log-variance directly, ``½ (log 2π + s + (y − μ)² e^{-s})``, so no variance is
+    exponentiated and logged back; it equals ``torch.nn.GaussianNLLLoss(full=True)`` with
+    ``var = exp(s)``. ``targets`` may carry a trailing dimension of 1 (``[B, 1]`` for ``[B, 2]`` outputs).
+    """
+    mean, _ = heteroscedastic_mean_variance(outputs)
+    log_variance = outputs[..., 1]
+    if targets.numel() != mean.numel():
+        raise ValueError(
+            f"targets must hold one value per predicted mean: outputs {tuple(outputs.shape)} give means "
+            f"{tuple(mean.shape)}, got targets {tuple(targets.shape)}."
+        )
+    residual = targets.reshape(mean.shape) - mean
+    return 0.5 * (math.log(2 * math.pi) + log_variance + residual.square() * torch.exp(-log_variance)).mean()
+
+
+class GaussianRegressor(_ReferenceModule):
+    """An MLP that predicts a Gaussian per input: ``forward`` returns ``[B, 2]`` = (mean, log-variance).
+
+    Trained with the Gaussian negative log-likelihood (:func:`gaussian_nll_from_log_variance`), so
+    the network learns input-dependent (heteroscedastic) noise. Its output layout is the one of
+    ``SWAGModule(noise="heteroscedastic")``. Used for the heteroscedastic sine data
+    (``in_features=1``) and for tabular data such as scikit-learn's diabetes (``in_features=10``).
+
+    Args:
+        in_features: input dimension.
+        hidden: widths of the hidden layers.
+        activation: ``"relu"`` or ``"tanh"``.
+        lr: learning rate.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+        init_log_variance: initial bias of the log-variance output (0: unit variance, right for
+            standardised targets).
+        lr_schedule: ``"constant"``, or ``"cosine"``: anneal from ``lr`` to ``lr / 100`` over the
+            Trainer's ``max_epochs`` (a converged point estimate; set the attribute back to
+            ``"constant"`` before a SWAG collection run).
+    """
+
+    task = "regression"
+    """What :class:`~lightning_swag.SWAGModule` summarises for this model (read by the CLI)."""
+    noise = "heteroscedastic"
+    """The noise model of ``SWAGModule`` that matches the output layout."""
+
+    def __init__(
+        self,
+        in_features: int = 1,
+        hidden: Sequence[int] = (50, 50),
+        activation: Literal["relu", "tanh"] = "relu",
+        lr: float = 0.001,
+        optimizer: OptimizerName = "adam",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        init_log_variance: float = 0.0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+    ) -> None:
+        super().__init__(lr, optimizer, momentum, weight_decay)
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be an int >= 1, got {in_features!r}.")
+        hidden = list(hidden)
+        if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
+            raise ValueError(f"hidden must be a non-empty sequence of ints >= 1, got {hidden!r}.")
+        if activation not in ("relu", "tanh"):
+            raise ValueError(f"activation must be 'relu' or 'tanh', got {activation!r}.")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
+        self.save_hyperparameters()
+        self.lr_schedule = lr_schedule
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU() if activation == "relu" else nn.Tanh()]
+            width = h
+        head = nn.Linear(width, 2)
+        with torch.no_grad():
+            head.bias[1].fill_(init_log_variance)
+        self.net = nn.Sequential(*layers, head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return gaussian_nll_from_log_variance(outputs, targets)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        if self.lr_schedule == "constant":
+            return optimizer
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=self.lr / 100)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def log_eval_metrics(self, outputs: Tensor, targets: Tensor, stage: str) -> None:
+        mean, _ = heteroscedastic_mean_variance(outputs)
+        rmse = (mean - targets.reshape(mean.shape)).square().mean().sqrt()
+        self.log(f"{stage}_rmse", rmse, prog_bar=True, on_epoch=True, on_step=False)
 
 
 class MNISTClassifier(_ReferenceModule):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -13,8 +13,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 __all__ = [
+    "plot_calibration_curves",
     "plot_entropy_histograms",
+    "plot_interval_bands",
     "plot_regression",
+    "plot_std_decomposition",
     "plot_reliability_diagrams",
     "plot_uncertain_digits",
     "save_figure",
@@ -150,6 +153,130 @@ def plot_entropy_histograms(in_entropy: dict[str, Tensor], out_entropy: dict[str
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("predictive entropy (nats)")
     axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_interval_bands(
+    x_train: Tensor,
+    y_train: Tensor,
+    x_grid: Tensor,
+    bands: Mapping[str, tuple[Tensor, Mapping[float, tuple[Tensor, Tensor]]]],
+    true_function: Sequence[Tensor] | None = None,
+    true_intervals: Mapping[float, tuple[Tensor, Tensor]] | None = None,
+    data_range: tuple[float, float] | None = None,
+    title: str = "",
+) -> Figure:
+    """One panel per method: predictive mean and central interval bands against the data.
+
+    Args:
+        x_train, y_train: the observations.
+        x_grid: inputs of the predictions ``[N, 1]`` (or ``[N]``).
+        bands: ``{method: (mean [N], {level: (lower [N], upper [N])})}``, e.g. the 50% and 90%
+            intervals of the predictive mixture (``lightning_swag.metrics.gaussian_mixture_quantile``).
+        true_function: optional ``(x, f(x))`` drawn dashed.
+        true_intervals: optional ``{level: (lower, upper)}`` of the true noise on ``x_grid``, drawn
+            as thin dotted lines.
+        data_range: optional ``(low, high)`` of the training inputs, shaded grey outside.
+        title: figure title.
+    """
+    names = list(bands)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.4), sharey=True, squeeze=False)
+    xg = _np(x_grid)
+    colours = ["tab:red", "tab:orange", "tab:olive"]
+    for ax, name in zip(axes[0], names, strict=True):
+        mean, intervals = bands[name]
+        ax.plot(_np(x_train), _np(y_train), ".", color="tab:blue", ms=2, alpha=0.6, label="observations")
+        for i, level in enumerate(sorted(intervals, reverse=True)):
+            lower, upper = intervals[level]
+            ax.fill_between(
+                xg,
+                _np(lower),
+                _np(upper),
+                color=colours[i % 3],
+                alpha=0.25,
+                lw=0,
+                label=f"{100 * level:g}% interval",
+            )
+        ax.plot(xg, _np(mean), color="darkred", lw=1.2, label="predictive mean")
+        if true_function is not None:
+            ax.plot(_np(true_function[0]), _np(true_function[1]), "g--", lw=1, label="true function")
+        if true_intervals is not None:
+            for lower, upper in true_intervals.values():
+                for bound in (lower, upper):
+                    ax.plot(xg, _np(bound), ":", color="k", lw=0.8)
+        if data_range is not None:
+            for lo, hi in ((float(xg.min()), data_range[0]), (data_range[1], float(xg.max()))):
+                ax.axvspan(lo, hi, color="0.9", zorder=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("x")
+    axes[0][0].legend(loc="upper left", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_std_decomposition(
+    x_grid: Tensor,
+    summaries: Mapping[str, Mapping[str, Tensor]],
+    true_noise: Sequence[Tensor] | None = None,
+    data_range: tuple[float, float] | None = None,
+    title: str = "",
+) -> Figure:
+    """Total, epistemic and aleatoric predictive std against ``x``, one panel per method.
+
+    Args:
+        x_grid: inputs ``[N, 1]`` (or ``[N]``).
+        summaries: ``{method: summary}`` with ``std``, ``epistemic_std`` and ``aleatoric_std`` on
+            ``x_grid`` (the output of ``lightning_swag.summaries.summarize_gaussian_mixture``).
+        true_noise: optional ``(x, σ(x))`` of the data's noise, drawn dashed.
+        data_range: optional ``(low, high)`` of the training inputs, shaded grey outside.
+        title: figure title.
+    """
+    names = list(summaries)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), sharey=True, squeeze=False)
+    xg = _np(x_grid)
+    for ax, name in zip(axes[0], names, strict=True):
+        summary = summaries[name]
+        ax.plot(xg, _np(summary["std"]), "k", lw=1.5, label="total std")
+        ax.plot(xg, _np(summary["epistemic_std"]), color="tab:purple", lw=1.2, label="epistemic")
+        ax.plot(xg, _np(summary["aleatoric_std"]), color="tab:orange", lw=1.2, label="aleatoric")
+        if true_noise is not None:
+            ax.plot(_np(true_noise[0]), _np(true_noise[1]), "g--", lw=1, label="true noise σ(x)")
+        if data_range is not None:
+            for lo, hi in ((float(xg.min()), data_range[0]), (data_range[1], float(xg.max()))):
+                ax.axvspan(lo, hi, color="0.9", zorder=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("x")
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("predictive std")
+    axes[0][0].legend(loc="upper left", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_calibration_curves(panels: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]]) -> Figure:
+    """Regression calibration curves: observed against nominal quantile level, one panel per data set.
+
+    Args:
+        panels: ``{panel title: {method: (nominal [L], observed [L])}}``, e.g. from
+            ``lightning_swag.metrics.regression_calibration_curve``. A calibrated predictive lies
+            on the diagonal; above it the predictive is too wide on that side, below too narrow.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items(), strict=True):
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        for method, (nominal, observed) in curves.items():
+            ax.plot(_np(nominal), _np(observed), "o-", ms=3, lw=1.2, label=method)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("nominal quantile level p")
+        ax.set_ylabel("observed fraction of targets ≤ p-quantile")
+        ax.set_title(panel, fontsize=10)
+        ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     return fig
 
