@@ -18,7 +18,9 @@ polling thread. ``getrusage``'s ``ru_maxrss`` (also printed) reads the same kern
 so on Linux it is reset with it. The formula (bytes; ``P`` weights, rank ``K``):
 
 * posterior: moments ``2·P·8`` (float64) + deviations ``K·P·4`` (float32) + scratch ``P·8``;
-* sampling: ``chunk·P·8`` for the float64 samples (``bma``: ``+ chunk·P·4`` for their float32 copy);
+* ``sample`` (float64 samples, the moment dtype): ``chunk·P·8``;
+* ``bma`` (float32 samples for the float32 model, drawn straight in float32): the cached float32
+  mean and standard deviation ``2·P·4`` + ``chunk·P·4``;
 * all on top of the baseline RSS.
 
 Usage::
@@ -188,8 +190,9 @@ def predicted(phase: str, num_params: int, rank: int, chunk: int | None) -> int:
     posterior = 2 * num_params * 8 + rank * num_params * 4 + num_params * 8
     if phase == "collect":
         return posterior
-    samples = (chunk or 0) * num_params * (8 + 4 if phase == "bma" else 8)
-    return posterior + samples
+    if phase == "bma":
+        return posterior + 2 * num_params * 4 + (chunk or 0) * num_params * 4
+    return posterior + (chunk or 0) * num_params * 8
 
 
 def main() -> None:
@@ -260,7 +263,8 @@ def main() -> None:
     p8 = num_params * 8 / MiB
     print(
         f"\nformula terms: moments 2·P·8 = {2 * p8:,.0f} MiB, deviations K·P·4 = {args.rank * p8 / 2:,.0f} MiB, "
-        f"scratch P·8 = {p8:,.0f} MiB, one float64 sample P·8 = {p8:,.0f} MiB"
+        f"scratch P·8 = {p8:,.0f} MiB, one float64 sample P·8 = {p8:,.0f} MiB, "
+        f"float32 mean + std (bma) 2·P·4 = {p8:,.0f} MiB"
     )
     tmp.cleanup()
     if args.json is not None:
