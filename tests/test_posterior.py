@@ -245,7 +245,7 @@ def _walked_posterior(shapes: dict[str, tuple[int, ...]], snapshots: int, max_ra
     return post
 
 
-@pytest.mark.parametrize("num_params", [7, 40_000, (1 << 20) + 1000])
+@pytest.mark.parametrize("num_params", [7, 3000, 16384, 40_000 + 17])
 def test_a_seed_gives_the_same_samples_in_any_chunking(num_params: int) -> None:
     """Sample i of a seed does not depend on which other samples are drawn with it."""
     post = _walked_posterior({"w": (num_params,)}, snapshots=5, max_rank=4)
@@ -261,7 +261,7 @@ def test_a_seed_gives_the_same_samples_in_any_chunking(num_params: int) -> None:
     assert not torch.equal(post.sample(6, seed=12, dtype=torch.float32), whole)
 
 
-@pytest.mark.parametrize("num_params", [50, 3000, (1 << 20) + 1000])
+@pytest.mark.parametrize("num_params", [50, 3000, 3 * 16384 + 5])
 def test_any_column_range_draws_its_own_part_of_the_noise_table(num_params: int) -> None:
     from lightning_swag.posterior import StandardNormalTiles
 

@@ -1,0 +1,104 @@
+"""Vectorise or loop: both paths give the same predictions, and the choice can be forced."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_swag.vectorize as vectorize
+from lightning_swag import SWAGModule, SWAGPosterior
+
+
+def _posterior(net: nn.Module, snapshots: int = 6) -> SWAGPosterior:
+    post = SWAGPosterior.from_model(net, max_rank=4)
+    g = torch.Generator().manual_seed(0)
+    walker = copy.deepcopy(net)
+    for _ in range(snapshots):
+        with torch.no_grad():
+            for p in walker.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        post.collect(walker)
+    return post
+
+
+def _architectures() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    conv = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 7 * 7, 3)
+    )
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    encoder = nn.Sequential(
+        nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
+        nn.Flatten(),
+        nn.Linear(8 * 5, 3),
+    )
+    return {
+        "mlp": (nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(9, 6)),
+        "conv": (conv, torch.randn(5, 1, 14, 14)),
+        "transformer": (encoder, torch.randn(4, 5, 8)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv", "transformer"])
+def test_vmap_and_loop_give_the_same_predictions(name: str) -> None:
+    net, x = _architectures()[name]
+    post = _posterior(net)
+    out = {
+        mode: SWAGModule(
+            net, post, num_samples=5, seed=3, task="classification", vectorize=mode, return_samples=True
+        )(x)
+        for mode in ("vmap", "loop", "auto")
+    }
+    for mode in ("loop", "auto"):
+        torch.testing.assert_close(out[mode]["samples"], out["vmap"]["samples"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[mode]["mean"], out["vmap"]["mean"], rtol=1e-4, atol=1e-6)
+
+
+class _Spy:
+    """Counts calls of torch.func.vmap made by lightning_swag.vectorize."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+@pytest.mark.parametrize("forced, uses_vmap", [("vmap", True), (True, True), ("loop", False), (False, False)])
+def test_the_choice_can_be_forced(monkeypatch: pytest.MonkeyPatch, forced, uses_vmap: bool) -> None:
+    net, x = _architectures()["mlp"]
+    post = _posterior(net)
+    spy = _Spy(vectorize.vmap)
+    monkeypatch.setattr(vectorize, "vmap", spy)
+    # whatever the timing rule would say
+    monkeypatch.setattr(vectorize, "FAST_CALL_SECONDS", float("inf") if not uses_vmap else 0.0)
+    bma = SWAGModule(net, post, num_samples=4, seed=0, vectorize=forced)
+    bma(x)
+    assert (spy.calls > 0) == uses_vmap
+    assert bma._mapper().mode == ("vmap" if uses_vmap else "loop")
+
+
+@pytest.mark.parametrize("threshold, chosen", [(float("inf"), "vmap"), (0.0, "loop")])
+def test_auto_times_the_first_samples_on_a_cpu(
+    monkeypatch: pytest.MonkeyPatch, threshold: float, chosen: str
+) -> None:
+    net, x = _architectures()["mlp"]
+    post = _posterior(net)
+    monkeypatch.setattr(vectorize, "FAST_CALL_SECONDS", threshold)
+    bma = SWAGModule(net, post, num_samples=6, seed=0, return_samples=True)
+    out = bma(x)
+    assert bma._mapper().mode == chosen
+    forced = SWAGModule(net, post, num_samples=6, seed=0, return_samples=True, vectorize=chosen)(x)
+    # every sample of the run came from the chosen path: bit for bit what that path gives
+    torch.testing.assert_close(out["samples"], forced["samples"], rtol=0, atol=0)
+
+
+def test_auto_on_an_accelerator_is_vmap() -> None:
+    assert vectorize.choose_vectorization("auto", "cuda") == "vmap"
+    assert vectorize.choose_vectorization("auto", "cpu") == "auto"
+    with pytest.raises(ValueError, match="vectorize"):
+        vectorize.choose_vectorization("sometimes", "cpu")  # type: ignore[arg-type]
