@@ -265,12 +265,15 @@ def plot_calibration_curves(panels: Mapping[str, Mapping[str, tuple[Tensor, Tens
         panels: ``{panel title: {method: (nominal [L], observed [L])}}``, e.g. from
             ``lightning_swag.metrics.regression_calibration_curve``. A calibrated predictive lies
             on the diagonal; above it the predictive is too wide on that side, below too narrow.
+            A method has the same colour in every panel.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    methods = list(dict.fromkeys(method for curves in panels.values() for method in curves))
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}  # the same in every panel
     for ax, (panel, curves) in zip(axes[0], panels.items(), strict=True):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
         for method, (nominal, observed) in curves.items():
-            ax.plot(_np(nominal), _np(observed), "o-", ms=3, lw=1.2, label=method)
+            ax.plot(_np(nominal), _np(observed), "o-", ms=3, lw=1.2, color=colours[method], label=method)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("nominal quantile level p")
