@@ -144,18 +144,12 @@ class SampleMap:
         outputs = []
         for i in pilot:
             start = time.perf_counter()
-            outputs.append(
-                fn({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}, inputs)
-            )
+            outputs.append(self._loop(fn, params, buffers, inputs, range(i, i + 1)))
             seconds.append(time.perf_counter() - start)
         self.mode = "vmap" if min(seconds) < FAST_CALL_SECONDS else "loop"
         if self.mode == "loop":
             rest = self._loop(fn, params, buffers, inputs, range(len(pilot), num))
-            return (
-                _stack(outputs)
-                if rest is None or num == len(pilot)
-                else _concatenate([_stack(outputs), rest])
-            )
+            return _concatenate(outputs if rest is None else [*outputs, rest])
         for name, value in (saved or {}).items():
             restore[name].copy_(value)  # type: ignore[index]
         return self(fn, params, buffers, inputs, restore=restore, model_name=model_name)
