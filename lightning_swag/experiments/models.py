@@ -15,16 +15,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_swag.batches import default_batch_inputs, default_batch_targets
 from lightning_swag.summaries import heteroscedastic_mean_variance
 
 OptimizerName = Literal["sgd", "adam"]
-
-
-def _first_two(batch: Any) -> tuple[Tensor, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError("Expected a batch of (inputs, targets); got " + type(batch).__name__)
-    return batch[0], batch[1]
 
 
 class _ReferenceModule(L.LightningModule):
@@ -45,7 +41,7 @@ class _ReferenceModule(L.LightningModule):
         raise NotImplementedError
 
     def _step(self, batch: Any, stage: str) -> Tensor:
-        inputs, targets = _first_two(batch)
+        inputs, targets = default_batch_inputs(batch), default_batch_targets(batch)
         outputs = self(inputs)
         loss = self.loss(outputs, targets)
         if stage == "train":
@@ -58,10 +54,12 @@ class _ReferenceModule(L.LightningModule):
             self.log_eval_metrics(outputs.detach(), targets, stage)
         return loss
 
+    @override
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum: Tensor | float = 0.0
         self._train_count = 0
 
+    @override
     def on_train_epoch_end(self) -> None:
         if self._train_count:
             mean = torch.as_tensor(self._train_loss_sum, dtype=torch.float32) / self._train_count
@@ -70,20 +68,24 @@ class _ReferenceModule(L.LightningModule):
     def log_eval_metrics(self, outputs: Tensor, targets: Tensor, stage: str) -> None:
         """Hook for extra validation/test metrics; the default logs nothing."""
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "val")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Raw outputs for the inputs of a ``(inputs, targets)`` batch or of a bare input tensor."""
-        inputs = batch if isinstance(batch, Tensor) else batch[0]
-        return self(inputs)
+        return self(default_batch_inputs(batch))
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # On a GPU the fused kernels update all parameters in one launch: these models are so small
         # that a step is bound by kernel launches, not arithmetic.
@@ -123,6 +125,7 @@ class SineRegressor(_ReferenceModule):
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
@@ -211,12 +214,14 @@ class GaussianRegressor(_ReferenceModule):
             head.bias[1].fill_(init_log_variance)
         self.net = nn.Sequential(*layers, head)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return gaussian_nll_from_log_variance(outputs, targets)
 
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = super().configure_optimizers()
         if self.lr_schedule == "constant":
@@ -264,6 +269,7 @@ class MNISTClassifier(_ReferenceModule):
             nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-def _np(t: Tensor):
+def _to_numpy(t: Tensor):
     return t.detach().cpu().float().reshape(-1).numpy()
 
 
@@ -50,20 +50,20 @@ def plot_regression(
         true_function: optional ``(x, f(x))`` drawn dashed.
     """
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    xg = _np(x_grid)
+    xg = _to_numpy(x_grid)
     axes[0].set_title("Sampled predictions")
-    axes[0].plot(_np(x_train), _np(y_train), "b.", ms=3, label="observations")
+    axes[0].plot(_to_numpy(x_train), _to_numpy(y_train), "b.", ms=3, label="observations")
     if samples is not None:
         for curve in samples[:max_curves]:
-            axes[0].plot(xg, _np(curve), "r", alpha=0.08, lw=1)
+            axes[0].plot(xg, _to_numpy(curve), "r", alpha=0.08, lw=1)
     axes[1].set_title("BMA mean ± 1 std")
-    axes[1].plot(_np(x_train), _np(y_train), "b.", ms=3, label="observations")
-    m, s = _np(mean), _np(std)
+    axes[1].plot(_to_numpy(x_train), _to_numpy(y_train), "b.", ms=3, label="observations")
+    m, s = _to_numpy(mean), _to_numpy(std)
     axes[1].plot(xg, m, "r", label="BMA mean")
     axes[1].fill_between(xg, m - s, m + s, color="r", alpha=0.3, label="± 1 std")
     if true_function is not None:
         for ax in axes:
-            ax.plot(_np(true_function[0]), _np(true_function[1]), "g--", lw=1, label="3 sin x")
+            ax.plot(_to_numpy(true_function[0]), _to_numpy(true_function[1]), "g--", lw=1, label="3 sin x")
     for ax in axes:
         ax.set_xlim(float(xg.min()) - 1, float(xg.max()) + 1)
         ax.set_xlabel("x")
@@ -148,8 +148,8 @@ def plot_entropy_histograms(in_entropy: dict[str, Tensor], out_entropy: dict[str
     for ax, name in zip(axes[0], names, strict=True):
         hi = max(float(in_entropy[name].max()), float(out_entropy[name].max()), 1e-3)
         bins = [hi * i / 30 for i in range(31)]
-        ax.hist(_np(in_entropy[name]), bins=bins, alpha=0.6, density=True, label="MNIST (in)")
-        ax.hist(_np(out_entropy[name]), bins=bins, alpha=0.6, density=True, label="Fashion-MNIST (OOD)")
+        ax.hist(_to_numpy(in_entropy[name]), bins=bins, alpha=0.6, density=True, label="MNIST (in)")
+        ax.hist(_to_numpy(out_entropy[name]), bins=bins, alpha=0.6, density=True, label="Fashion-MNIST (OOD)")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("predictive entropy (nats)")
     axes[0][0].legend(fontsize=8)
@@ -182,29 +182,39 @@ def plot_interval_bands(
     """
     names = list(bands)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.4), sharey=True, squeeze=False)
-    xg = _np(x_grid)
+    xg = _to_numpy(x_grid)
     colours = ["tab:red", "tab:orange", "tab:olive"]
     for ax, name in zip(axes[0], names, strict=True):
         mean, intervals = bands[name]
-        ax.plot(_np(x_train), _np(y_train), ".", color="tab:blue", ms=2, alpha=0.6, label="observations")
+        ax.plot(
+            _to_numpy(x_train),
+            _to_numpy(y_train),
+            ".",
+            color="tab:blue",
+            ms=2,
+            alpha=0.6,
+            label="observations",
+        )
         for i, level in enumerate(sorted(intervals, reverse=True)):
             lower, upper = intervals[level]
             ax.fill_between(
                 xg,
-                _np(lower),
-                _np(upper),
+                _to_numpy(lower),
+                _to_numpy(upper),
                 color=colours[i % 3],
                 alpha=0.25,
                 lw=0,
                 label=f"{100 * level:g}% interval",
             )
-        ax.plot(xg, _np(mean), color="darkred", lw=1.2, label="predictive mean")
+        ax.plot(xg, _to_numpy(mean), color="darkred", lw=1.2, label="predictive mean")
         if true_function is not None:
-            ax.plot(_np(true_function[0]), _np(true_function[1]), "g--", lw=1, label="true function")
+            ax.plot(
+                _to_numpy(true_function[0]), _to_numpy(true_function[1]), "g--", lw=1, label="true function"
+            )
         if true_intervals is not None:
             for lower, upper in true_intervals.values():
                 for bound in (lower, upper):
-                    ax.plot(xg, _np(bound), ":", color="k", lw=0.8)
+                    ax.plot(xg, _to_numpy(bound), ":", color="k", lw=0.8)
         if data_range is not None:
             for lo, hi in ((float(xg.min()), data_range[0]), (data_range[1], float(xg.max()))):
                 ax.axvspan(lo, hi, color="0.9", zorder=0)
@@ -236,14 +246,14 @@ def plot_std_decomposition(
     """
     names = list(summaries)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), sharey=True, squeeze=False)
-    xg = _np(x_grid)
+    xg = _to_numpy(x_grid)
     for ax, name in zip(axes[0], names, strict=True):
         summary = summaries[name]
-        ax.plot(xg, _np(summary["std"]), "k", lw=1.5, label="total std")
-        ax.plot(xg, _np(summary["epistemic_std"]), color="tab:purple", lw=1.2, label="epistemic")
-        ax.plot(xg, _np(summary["aleatoric_std"]), color="tab:orange", lw=1.2, label="aleatoric")
+        ax.plot(xg, _to_numpy(summary["std"]), "k", lw=1.5, label="total std")
+        ax.plot(xg, _to_numpy(summary["epistemic_std"]), color="tab:purple", lw=1.2, label="epistemic")
+        ax.plot(xg, _to_numpy(summary["aleatoric_std"]), color="tab:orange", lw=1.2, label="aleatoric")
         if true_noise is not None:
-            ax.plot(_np(true_noise[0]), _np(true_noise[1]), "g--", lw=1, label="true noise σ(x)")
+            ax.plot(_to_numpy(true_noise[0]), _to_numpy(true_noise[1]), "g--", lw=1, label="true noise σ(x)")
         if data_range is not None:
             for lo, hi in ((float(xg.min()), data_range[0]), (data_range[1], float(xg.max()))):
                 ax.axvspan(lo, hi, color="0.9", zorder=0)
@@ -273,7 +283,15 @@ def plot_calibration_curves(panels: Mapping[str, Mapping[str, tuple[Tensor, Tens
     for ax, (panel, curves) in zip(axes[0], panels.items(), strict=True):
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
         for method, (nominal, observed) in curves.items():
-            ax.plot(_np(nominal), _np(observed), "o-", ms=3, lw=1.2, color=colours[method], label=method)
+            ax.plot(
+                _to_numpy(nominal),
+                _to_numpy(observed),
+                "o-",
+                ms=3,
+                lw=1.2,
+                color=colours[method],
+                label=method,
+            )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("nominal quantile level p")

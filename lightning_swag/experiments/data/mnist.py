@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 MNIST_MEAN = 0.1307
 """Mean pixel value of the MNIST training images (pixels scaled to [0, 1])."""
@@ -370,10 +371,12 @@ class MNISTDataModule(L.LightningDataModule):
         self._ood: tuple[Tensor, Tensor] | None = None
 
     # ----------------------------------------------------------------------------- Lightning hooks
+    @override
     def prepare_data(self) -> None:
         """Download MNIST when ``download=True``; otherwise fail early if its files are missing."""
         ensure_downloaded(self.data_dir, "MNIST", download=self.download)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Decode the splits ``stage`` needs (all of them for ``None``) onto the target device."""
         if stage in (None, "fit", "validate"):
@@ -382,6 +385,7 @@ class MNISTDataModule(L.LightningDataModule):
             self._setup_test()
         self._move_loaded_tensors_to_target_device()
 
+    @override
     def train_dataloader(self) -> TensorBatchLoader:
         """Shuffled (if ``shuffle``) training batches of ``batch_size``."""
         images, labels = self.train_tensors()
@@ -395,16 +399,19 @@ class MNISTDataModule(L.LightningDataModule):
             **self._replica_kwargs(),
         )
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; an empty list (Lightning skips validation) when ``val_size=0``."""
         if self.val_size == 0:
             return []
         return self._eval_loader(self.val_tensors())
 
+    @override
     def test_dataloader(self) -> DataLoader:
         """MNIST test (``t10k``) batches in order."""
         return self._eval_loader(self.test_tensors())
 
+    @override
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         """Same as :meth:`test_dataloader`; with ``predict_ood`` also the OOD set (a list of two)."""
         if self.predict_ood:

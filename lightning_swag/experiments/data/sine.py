@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 __all__ = ["SineDataModule", "SineNoise", "noise_std", "sine_function"]
 
@@ -101,6 +102,7 @@ class SineDataModule(L.LightningDataModule):
         self.predict_x = torch.linspace(predict_low, predict_high, predict_points).unsqueeze(1)
         self._shuffle_generator = torch.Generator().manual_seed(seed + 1)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             TensorDataset(self.x, self.y),
@@ -109,9 +111,11 @@ class SineDataModule(L.LightningDataModule):
             generator=self._shuffle_generator,
         )
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.test_x, sine_function(self.test_x)), batch_size=len(self.test_x))
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(
             TensorDataset(self.predict_x, sine_function(self.predict_x)), batch_size=len(self.predict_x)
