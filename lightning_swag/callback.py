@@ -19,8 +19,14 @@ from torch import nn
 from torch.optim.swa_utils import SWALR
 from typing_extensions import override
 
-from lightning_swag.checkpoint import CALLBACK_POSTERIOR_KEY, unreadable_file_error
-from lightning_swag.posterior import SWAGPosterior
+from lightning_swag.checkpoint import (
+    CALLBACK_POSTERIOR_KEY,
+    SHARDED_STATISTICS_KEY,
+    sharded_statistics_prefix,
+    unreadable_file_error,
+)
+from lightning_swag.posterior import SWAGPosterior, select_parameters
+from lightning_swag.sharding import is_dtensor, reshard_fsdp
 
 __all__ = ["SWAGCallback", "readable_checkpoint_errors", "restore_checkpoint_io"]
 
@@ -30,16 +36,22 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
 def _sharded_base(strategy: object) -> str | None:
-    """The sharded strategy ``strategy`` is or derives from (matched by class name, so that the
-    optional DeepSpeed need not be importable), or None."""
+    """The unsupported sharded strategy ``strategy`` is or derives from (matched by class name, so that
+    the optional DeepSpeed need not be importable), or None. ``ModelParallelStrategy`` (FSDP2) is
+    supported."""
     for cls in type(strategy).__mro__:
         if cls.__name__ in _SHARDED_STRATEGIES:
             return cls.__name__
     return None
+
+
+def _is_model_parallel(strategy: object) -> bool:
+    """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2 / DTensor parameters)."""
+    return any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
 
 
 def _spawns_workers(strategy: Strategy) -> bool:
@@ -125,8 +137,19 @@ class SWAGCallback(Callback):
     identical posterior. Weights that became NaN or infinite (diverged training) raise a
     ``FloatingPointError`` naming the parameters, epoch and step; that snapshot is not added and the
     posterior keeps the earlier ones. Parameters that are not initialized when training starts
-    (``nn.LazyLinear``) are tracked from the first snapshot on. Sharded strategies (FSDP, DeepSpeed,
-    ModelParallel) are refused in ``setup``. With spawn-based strategies (``"ddp_spawn"``) the
+    (``nn.LazyLinear``) are tracked from the first snapshot on.
+
+    Sharded statistics: with ``shard=True`` under DDP every process keeps the statistics of a
+    ``1/world_size`` slice of the weights only (collection needs no communication). Under
+    ``ModelParallelStrategy`` with ``torch.distributed.fsdp.fully_shard`` applied in
+    ``configure_model`` (``tensor_parallel_size=1``), every process keeps the statistics of its own
+    parameter shards, always. ``swag.posterior`` is then the process's part: ``posterior.save(path)``
+    called on every process writes one file of the whole posterior, and ``SWAGModule`` predicts
+    with it under the same strategy. Checkpoints: a one-file checkpoint holds the whole posterior,
+    gathered to rank 0 when it is written (so every process must write it, as ``ModelCheckpoint``
+    does); a distributed checkpoint (``ModelParallelStrategy``'s default) stores each process's part
+    next to its weight shards. Other sharded strategies (``FSDPStrategy``, i.e. FSDP1, and
+    DeepSpeed) are refused in ``setup``. With spawn-based strategies (``"ddp_spawn"``) the
     posterior stays in the worker processes (a warning says so): prefer ``strategy="ddp"`` or restore
     it from a checkpoint.
 
@@ -147,6 +170,9 @@ class SWAGCallback(Callback):
             (torch's ``SWALR``), replacing the user's LR scheduler for the collection phase.
         annealing_epochs: epochs to anneal from the current LR to ``swa_lr`` (0: switch at once).
         annealing_strategy: ``"cos"`` or ``"linear"`` annealing.
+        shard: under DDP with several processes, keep the statistics of a ``1/world_size`` slice of
+            the weights per process (sharded statistics, see above). Ignored with one process, and
+            under ``ModelParallelStrategy``, where the statistics are always sharded like the weights.
 
     Example:
         >>> import lightning as L
@@ -175,8 +201,11 @@ class SWAGCallback(Callback):
         swa_lr: float | None = None,
         annealing_epochs: int = 0,
         annealing_strategy: Literal["cos", "linear"] = "cos",
+        shard: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(shard, bool):
+            raise ValueError(f"SWAGCallback: shard must be True or False, got {shard!r}.")
         _check_int("start_epoch", start_epoch, 0)
         _check_int("every_n_epochs", every_n_epochs, 1, allow_none=True)
         _check_int("every_n_steps", every_n_steps, 1, allow_none=True)
@@ -215,7 +244,10 @@ class SWAGCallback(Callback):
         self.swa_lr = swa_lr
         self.annealing_epochs = annealing_epochs
         self.annealing_strategy = annealing_strategy
+        self.shard = shard
         self._posterior: SWAGPosterior | None = None
+        # a whole posterior read from a checkpoint, kept until the model is there to shard it
+        self._pending_state: dict[str, Any] | None = None
         self._trainer_ref: Callable[[], Any] | None = None
         self._reset_run_state()
 
@@ -278,13 +310,20 @@ class SWAGCallback(Callback):
             kind = name if name == sharded else f"{name} (a {sharded})"
             raise RuntimeError(
                 f"SWAGCallback does not support the sharded strategy {kind}: each process holds only a shard "
-                "of the weights, so the posterior would be silently wrong. Use strategy='ddp'."
+                "of the weights, so the posterior would be silently wrong. Use ModelParallelStrategy with "
+                "torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, or strategy='ddp' with "
+                "SWAGCallback(shard=True) to shard the statistics."
+            )
+        if self.shard and not _is_model_parallel(trainer.strategy) and trainer.world_size == 1:
+            rank_zero_info(
+                "SWAGCallback(shard=True): a single process has nothing to shard with; it keeps all."
             )
         previous = self._trainer_ref() if self._trainer_ref is not None else None
         if previous is not trainer:
             # A new Trainer is a new run: a fresh posterior (a checkpoint restored after this hook
             # brings its own), and the earlier run's posterior object is left as it was.
             self._posterior = None
+            self._pending_state = None
             self._reset_run_state()
             self._trainer_ref = _reference(trainer)
         readable_checkpoint_errors(trainer.strategy)
@@ -303,6 +342,13 @@ class SWAGCallback(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _is_model_parallel(trainer.strategy):
+            reshard_fsdp(pl_module)  # the sanity check's forward left FSDP2's root group unsharded
+        if self._pending_state is not None:  # resumed: keep this process's part of the saved posterior
+            state, self._pending_state = self._pending_state, None
+            self._posterior = SWAGPosterior.from_state_dict(
+                state, device=self._target_device(pl_module), model=pl_module, shard=self.shard
+            )
         if self._posterior is None:
             if not _has_uninitialized(pl_module):
                 self._posterior = self._new_posterior(pl_module)
@@ -342,19 +388,50 @@ class SWAGCallback(Callback):
         self._epoch_end(trainer, pl_module)
 
     @override
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Sharded statistics: a collective (Lightning calls it on every process). A distributed
+        checkpoint (DTensor weights) stores each process's part as DTensor views next to the weight
+        shards; any other checkpoint gets the whole posterior, gathered to rank 0, which writes it."""
+        post = self._posterior
+        if post is None or not post.is_sharded:
+            return
+        state = checkpoint["callbacks"][self.state_key]
+        assert post.layout is not None
+        distributed = any(is_dtensor(value) for value in checkpoint.get("state_dict", {}).values())
+        if post.layout.kind == "fsdp2" and distributed:  # the same answer on every process
+            prefix = sharded_statistics_prefix(self.state_key)
+            checkpoint["state_dict"].update(post.sharded_state_dict(prefix))
+            state[SHARDED_STATISTICS_KEY] = post.sharded_description(prefix)
+        else:
+            whole = post.gather(dst=0)
+            if whole is not None:
+                state[CALLBACK_POSTERIOR_KEY] = whole.state_dict()
+
+    @override
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.state_key not in checkpoint.get("callbacks", {}):
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
             rank_zero_warn(
                 "SWAGCallback: the checkpoint holds no SWAG state (it was saved without this callback); "
                 "collection starts from a fresh posterior."
             )
+            return
+        description = state.get(SHARDED_STATISTICS_KEY)
+        if description is not None:  # each process reads its own part from the distributed checkpoint
+            self._posterior = SWAGPosterior.from_distributed_checkpoint(
+                trainer.ckpt_path, description, pl_module, device=self._target_device(pl_module)
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        post = self._posterior
         return {
-            CALLBACK_POSTERIOR_KEY: self._posterior.state_dict() if self._posterior is not None else None,
+            # a sharded posterior is added (gathered, or as DTensors) by on_save_checkpoint
+            CALLBACK_POSTERIOR_KEY: post.state_dict() if post is not None and not post.is_sharded else None,
             "last_epoch": self._last_epoch,
             "last_step": self._last_step,
             "swa_schedulers": [scheduler.state_dict() for scheduler in self._swa_schedulers],
@@ -363,12 +440,19 @@ class SWAGCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         posterior_state = state_dict.get(CALLBACK_POSTERIOR_KEY)
-        if posterior_state is not None and posterior_state["max_rank"] != self.max_rank:
+        description = state_dict.get(SHARDED_STATISTICS_KEY)
+        saved = posterior_state if posterior_state is not None else description
+        if saved is not None and saved["max_rank"] != self.max_rank:
             rank_zero_warn(
-                f"SWAGCallback: the checkpoint's posterior has max_rank={posterior_state['max_rank']} but the "
+                f"SWAGCallback: the checkpoint's posterior has max_rank={saved['max_rank']} but the "
                 f"callback was built with max_rank={self.max_rank}; the checkpoint's value is kept."
             )
-        self._posterior = SWAGPosterior.from_state_dict(posterior_state) if posterior_state else None
+        if description is not None:
+            pass  # on_load_checkpoint read this process's part from the distributed checkpoint
+        elif posterior_state and self._shards_statistics():
+            self._posterior, self._pending_state = None, posterior_state  # sharded in on_train_start
+        else:
+            self._posterior = SWAGPosterior.from_state_dict(posterior_state) if posterior_state else None
         self._last_epoch = int(state_dict.get("last_epoch", -1))
         self._last_step = int(state_dict.get("last_step", 0))
         self._saved_swa_scheduler_states = list(state_dict.get("swa_schedulers", []))
@@ -385,7 +469,22 @@ class SWAGCallback(Callback):
     def _target_device(self, pl_module: L.LightningModule) -> torch.device:
         return torch.device(self.device) if self.device is not None else pl_module.device
 
+    def _shards_statistics(self) -> bool:
+        """Whether this run keeps sharded statistics (ModelParallelStrategy, or DDP with ``shard``)."""
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if trainer is None:
+            return False
+        return _is_model_parallel(trainer.strategy) or (self.shard and trainer.world_size > 1)
+
     def _new_posterior(self, pl_module: L.LightningModule) -> SWAGPosterior:
+        if _is_model_parallel(pl_module.trainer.strategy):
+            plain = [n for n, p in select_parameters(pl_module, self.include) if not is_dtensor(p)]
+            if plain:
+                raise RuntimeError(
+                    f"SWAGCallback under ModelParallelStrategy: parameter {plain[0]!r} is not sharded (a plain "
+                    "Tensor). Apply torch.distributed.fsdp.fully_shard in configure_model to the module that "
+                    "owns it (or to the root module), or leave it out with SWAGCallback(include=[...])."
+                )
         return SWAGPosterior.from_model(
             pl_module,
             self.max_rank,
@@ -393,9 +492,12 @@ class SWAGCallback(Callback):
             moment_dtype=_DTYPES[self.moment_dtype],
             deviation_dtype=_DTYPES[self.deviation_dtype],
             device=self._target_device(pl_module),
+            shard=self.shard,
         )
 
     def _snapshot(self, pl_module: L.LightningModule) -> None:
+        if _is_model_parallel(pl_module.trainer.strategy):
+            reshard_fsdp(pl_module)  # after validation FSDP2's root group is unsharded (see sharding.py)
         if self._posterior is None:
             self._posterior = self._new_posterior(pl_module)
         try:

@@ -33,6 +33,7 @@ from lightning_swag.metrics import (
     nll,
 )
 from lightning_swag.posterior import SWAGPosterior, canonical_name, derive_seed, unwrap_model
+from lightning_swag.sharding import all_gather_columns, has_dtensor_parameters, reshard_fsdp
 from lightning_swag.summaries import (
     heteroscedastic_mean_variance,
     summarize_classification,
@@ -152,6 +153,18 @@ class SWAGModule(L.LightningModule):
     (default: ``batch[0]`` and ``batch[1]`` of a tuple/list, or a bare input tensor). Override these
     two methods for other layouts; prediction, ``trainer.test``, :meth:`tune_scale`, the BatchNorm
     refresh and :class:`~lightning_swag.SWAGPredictionWriter` all use them.
+
+    Sharded posteriors (``SWAGCallback(shard=True)`` under DDP, or FSDP2 under
+    ``ModelParallelStrategy``; see :mod:`lightning_swag.sharding`) predict under the strategy they
+    were collected with, in ``trainer.predict`` / ``trainer.test``, with the same seed on every
+    process (rank 0's, broadcast). DDP: each process draws its columns of the samples and the columns
+    are all-gathered into whole samples once per run (per batch when they exceed 512 MiB). FSDP2:
+    each process draws the samples of its own parameter shards and copies them into the model's
+    local shards in place, one sample at a time (``functional_call`` and ``vmap`` do not work on
+    FSDP2 modules), restoring the trained shards afterwards; an unsharded posterior given with an
+    FSDP2 model keeps each process's part. The posterior is never joined. Every process
+    runs the same number of forward passes (short ones repeat their last batch at the end).
+    ``bn_loader`` is not supported with FSDP2 yet.
     """
 
     def __init__(
@@ -240,6 +253,11 @@ class SWAGModule(L.LightningModule):
         self._sample_cache: list[dict[str, Tensor]] | None = None
         self._bn_cache: dict[int, dict[str, Tensor]] = {}
         self._test_metrics = nn.ModuleDict()
+        # sharded prediction: every process must run the same collectives (see _prepare_sharded_run)
+        self._lockstep = False
+        self._lockstep_batches = 0
+        self._batches_run = 0
+        self._last_inputs: Any = None
 
     # ------------------------------------------------------------------ posteriors
     @property
@@ -260,6 +278,14 @@ class SWAGModule(L.LightningModule):
                     "SWAGCallback until at least one snapshot is collected (check start_epoch vs max_epochs)."
                 )
             post.check_compatible(self.model)
+            if post.layout is not None and (post.layout.kind == "fsdp2") != has_dtensor_parameters(
+                self.model
+            ):
+                raise ValueError(
+                    f"posterior {i} holds a part of the weights ({post.layout.describe()}) that does not fit "
+                    "this model's parameters: predict with the model it was collected from, under the same "
+                    "strategy, or gather() the posterior to one process first."
+                )
         self._posteriors = list(posteriors)
         self.reset_samples()
 
@@ -347,6 +373,79 @@ class SWAGModule(L.LightningModule):
         if self.seed is None and self.trainer.world_size > 1:
             # Every process must draw the same weight samples: global rank 0 picks the run seed.
             self._run_seed = int(self.trainer.strategy.broadcast(self._fresh_seed(), src=0))
+        self._prepare_sharded_run()
+
+    @override
+    def configure_model(self) -> None:
+        """Nothing to do: the wrapped model arrives as trained (``ModelParallelStrategy`` requires this
+        hook; an FSDP2 model keeps its shards)."""
+
+    def _prepare_sharded_run(self) -> None:
+        """Sharded posteriors, at the start of a run, on every process: an FSDP2 model gets this
+        process's part of every posterior; DDP slices are joined into whole samples now (once per run)
+        when they fit the sample cache. Otherwise every batch runs collectives, so every process must
+        run the same number of them (:meth:`_finish_lockstep`)."""
+        self._lockstep, self._batches_run, self._last_inputs = False, 0, None
+        self._lockstep_batches = 0
+        if has_dtensor_parameters(self.model):
+            if self.bn_loader is not None and self._has_batchnorm:
+                raise ValueError(
+                    "SWAGModule: the BatchNorm refresh (bn_loader) is not supported with FSDP2-sharded models "
+                    "yet; leave bn_loader unset, or predict with the unsharded model."
+                )
+            reshard_fsdp(self.model)
+            self._posteriors = [
+                post
+                if post.is_sharded
+                else SWAGPosterior.from_state_dict(post.state_dict(), device=post.device, model=self.model)
+                for post in self._posteriors
+            ]
+            self._lockstep = self.trainer.world_size > 1
+        elif any(post.is_sharded for post in self._posteriors):
+            itemsize = self._model_dtype().itemsize
+            if (
+                itemsize * sum(self.num_samples * post.num_params for post in self._posteriors)
+                <= _CACHE_BYTES
+            ):
+                self._sample_cache = list(self.iter_weight_samples())
+            else:
+                self._lockstep = self.trainer.world_size > 1
+        if self._lockstep:
+            # Lightning's prediction sampler may give processes different numbers of batches
+            trainer = self.trainer
+            counts = trainer.num_predict_batches if trainer.predicting else trainer.num_test_batches
+            mine = torch.tensor(float(sum(counts)), device=self.device)
+            most = float(trainer.strategy.reduce(mine, reduce_op="max"))
+            if not math.isfinite(most):
+                self._lockstep = False
+                rank_zero_warn(
+                    "SWAGModule: a process has a dataloader without a length, so the processes cannot be kept "
+                    "in step; with a sharded posterior give every process the same number of batches, or the "
+                    "run hangs."
+                )
+            self._lockstep_batches = int(most)
+
+    def _finish_lockstep(self) -> None:
+        """Processes that ran fewer batches than others repeat their last one (the result is dropped),
+        so that every process joins the same collectives, in the same order."""
+        if not self._lockstep:
+            return
+        missing = self._lockstep_batches - self._batches_run
+        if missing > 0 and self._last_inputs is None:
+            raise RuntimeError(
+                f"SWAGModule: process {self.trainer.global_rank} had no batch while others had "
+                f"{self._lockstep_batches}; with a sharded posterior every process needs at least one batch."
+            )
+        for _ in range(missing):
+            self.sample_outputs(self._last_inputs)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        self._finish_lockstep()
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._finish_lockstep()
 
     def reset_samples(self) -> None:
         """Draw a new set of weight samples at the next batch (a fixed one when ``seed`` is set)."""
@@ -354,9 +453,14 @@ class SWAGModule(L.LightningModule):
         self._sample_cache = None
         self._bn_cache = {}
 
-    @staticmethod
-    def _fresh_seed() -> int:
-        return int(torch.randint(0, 2**62, (1,)).item())
+    def _fresh_seed(self) -> int:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        if any(post.is_sharded for post in self._posteriors) and torch.distributed.is_initialized():
+            # the processes' parts of a sample only fit together when they come from the same seed
+            box = [seed]
+            torch.distributed.broadcast_object_list(box, src=0)
+            seed = int(box[0])
+        return seed
 
     @torch.no_grad()
     def sample_outputs(self, x: Any) -> Tensor:
@@ -367,6 +471,8 @@ class SWAGModule(L.LightningModule):
         mode of each of its modules is restored afterwards.
         """
         self._require_posteriors()
+        if self._lockstep:
+            self._batches_run, self._last_inputs = self._batches_run + 1, x
         modes = {module: module.training for module in self.model.modules()}
         self.model.eval()
         try:
@@ -399,7 +505,8 @@ class SWAGModule(L.LightningModule):
         """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device and dtype.
 
         Sample ``i`` of posterior ``j`` is sample ``i`` of the seed ``derive_seed(run seed, j)``
-        (see :meth:`SWAGPosterior.sample`), so neither the chunking nor the batches change it.
+        (see :meth:`SWAGPosterior.sample`), so neither the chunking nor the batches change it. For a
+        posterior of FSDP2 shards the tensors are this process's shards of the samples.
         """
         if self._run_seed is None:
             self._run_seed = self.seed if self.seed is not None else self._fresh_seed()
@@ -408,16 +515,29 @@ class SWAGModule(L.LightningModule):
             posterior_seed = derive_seed(self._run_seed, index)
             chunk = self._chunk_size(post)
             for start in range(0, self.num_samples, chunk):
-                flat = post.sample(
-                    min(chunk, self.num_samples - start),
-                    scale=self.scale,
-                    seed=posterior_seed,
-                    first_sample=start,
-                    diagonal_only=self.covariance == "diagonal",
-                    dtype=dtype,
-                    device=device,
-                )
-                yield {self._model_names[n]: v for n, v in post.unflatten(flat).items()}
+                num = min(chunk, self.num_samples - start)
+                yield self._draw_samples(post, num, posterior_seed, start, dtype, device)
+
+    def _draw_samples(
+        self, post: SWAGPosterior, num: int, seed: int, start: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Tensor]:
+        """Samples ``start … start + num − 1`` of ``post`` as ``{model name: [num, *shape]}``. A DDP slice's
+        columns are joined across processes (a collective); FSDP2 shards stay local."""
+        kwargs: dict[str, Any] = {
+            "scale": self.scale,
+            "seed": seed,
+            "first_sample": start,
+            "diagonal_only": self.covariance == "diagonal",
+            "dtype": dtype,
+            "device": device,
+        }
+        if post.layout is None:
+            parts = post.unflatten(post.sample(num, **kwargs))
+        elif post.layout.kind == "fsdp2":
+            parts = post.unflatten_local(post.sample_local(num, **kwargs))
+        else:
+            parts = post.unflatten(all_gather_columns(post.sample_local(num, **kwargs), post.layout))
+        return {self._model_names[n]: v for n, v in parts.items()}
 
     def _model_device(self) -> torch.device:
         return next(iter(self.model.parameters())).device
@@ -511,6 +631,8 @@ class SWAGModule(L.LightningModule):
         return raw
 
     def _forward_chunk(self, sampled: dict[str, Tensor], x: Any, buffers: dict[str, Tensor]) -> Tensor:
+        if has_dtensor_parameters(self.model):
+            return self._forward_chunk_in_place(sampled, x)
         base = {name: p.detach() for name, p in self.model.named_parameters()}
         base.update(dict(self.model.named_buffers()))
 
@@ -518,6 +640,29 @@ class SWAGModule(L.LightningModule):
             return self._model_output(functional_call(self.model, {**base, **weights, **bufs}, (inputs,)))
 
         return self._mapper()(run_sample, sampled, buffers, x, model_name=type(self.model).__name__)
+
+    def _forward_chunk_in_place(self, sampled: dict[str, Tensor], x: Any) -> Tensor:
+        """FSDP2 models: ``functional_call`` and ``vmap`` fail on them (mixed Tensor/DTensor), so each
+        sample's shards are copied into the parameters' local shards and the model runs as usual, one
+        sample at a time; the trained shards are put back afterwards (one extra copy of them)."""
+        reshard_fsdp(self.model)
+        params = dict(self.model.named_parameters())
+        shards = {name: params[name].to_local() for name in sampled}
+        trained = {name: shard.clone() for name, shard in shards.items()}
+
+        def run_sample(weights: dict[str, Tensor], bufs: dict[str, Tensor], inputs: Any) -> Tensor:
+            for name, value in weights.items():
+                shards[name].copy_(value)
+            try:
+                return self._model_output(self.model(inputs))
+            finally:
+                reshard_fsdp(self.model)  # else the root group's next forward reuses stale unsharded weights
+
+        try:
+            return SampleMap("loop", "SWAGModule")(run_sample, sampled, {}, x)
+        finally:
+            for name, shard in shards.items():
+                shard.copy_(trained[name])
 
     # ------------------------------------------------------------------ test metrics
     @override
@@ -654,6 +799,9 @@ class SWAGModule(L.LightningModule):
                 scores[scale] = total / count
                 continue
             means, variances, targets = self._held_out_components(batches)
+            if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(variances).all())):
+                scores[scale] = math.inf  # so large a scale that outputs overflow: the worst candidate
+                continue
             if isinstance(self.noise, float):
                 fitted_noise[scale] = fit_gaussian_noise(means, targets)
                 variances = torch.full((), fitted_noise[scale] ** 2, dtype=means.dtype, device=means.device)
@@ -735,7 +883,10 @@ class SWAGModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[MODULE_POSTERIORS_KEY] = [post.state_dict() for post in self._posteriors]
+        # sharded posteriors are gathered to rank 0, which writes the checkpoint (a collective)
+        wholes = [post.gather(dst=0) for post in self._posteriors]
+        if all(whole is not None for whole in wholes):
+            checkpoint[MODULE_POSTERIORS_KEY] = [whole.state_dict() for whole in wholes if whole is not None]
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -9,6 +9,11 @@ SWAG (Maddox et al., 2019) fits a Gaussian to the weights visited by SGD:
 Samples are ``θ̄ + √scale · (√var ⊙ z₁ + D̂ᵀz₂ / √(k − 1))`` with ``z₁ ~ N(0, I_P)`` and
 ``z₂ ~ N(0, I_k)``, so their covariance is ``scale · (diag(var) + D̂ᵀD̂ / (k − 1))``; ``scale = 0.5``
 is the paper's ``1/√2`` applied to both terms.
+
+A posterior may be *sharded* (see :mod:`lightning_swag.sharding`): each process then keeps the
+statistics of its part of the flat weight vector only, draws its part of every sample
+(:meth:`SWAGPosterior.sample_local`, the same numbers as the unsharded posterior's samples), and joins
+the parts with :meth:`SWAGPosterior.gather` or :meth:`SWAGPosterior.save`.
 """
 
 from __future__ import annotations
@@ -23,9 +28,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_swag.checkpoint import is_posterior_state, load_file
+from lightning_swag.checkpoint import (
+    SHARDED_STATISTICS,
+    is_posterior_state,
+    load_file,
+    posterior_state_from_entries,
+)
+from lightning_swag.sharding import (
+    ShardLayout,
+    dtensor_views,
+    gather_columns,
+    load_dtensor_views,
+    reshard_fsdp,
+)
 
 __all__ = [
     "StandardNormalTiles",
@@ -196,11 +214,16 @@ class StandardNormalTiles:
                 torch.randn(target.shape, generator=self._generator, out=target)
             return
 
+        # Grad and inference modes are per thread: the workers take the caller's, so that they may
+        # write into tensors made under torch.inference_mode (as in Lightning's predict loop).
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
         def draw(part: list[tuple[Tensor, int]]) -> None:
             generator = torch.Generator(device=self.device)
-            for target, seed in part:
-                generator.manual_seed(seed)
-                torch.randn(target.shape, generator=generator, out=target)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                for target, seed in part:
+                    generator.manual_seed(seed)
+                    torch.randn(target.shape, generator=generator, out=target)
 
         with ThreadPoolExecutor(workers) as pool:  # torch.randn releases the GIL
             list(pool.map(draw, [tiles[i::workers] for i in range(workers)]))
@@ -240,6 +263,13 @@ class SWAGPosterior:
         moment_dtype: dtype of the mean and the sum of squared deviations.
         deviation_dtype: dtype of the deviation buffer.
         device: where statistics live (e.g. ``"cpu"`` to keep them off the GPU).
+        layout: keep only this process's part of the weights (a sharded posterior, see
+            :mod:`lightning_swag.sharding`); ``None`` keeps all of them. :meth:`from_model` picks it.
+
+    Sharded posteriors: ``param_shapes``, ``num_params`` and :meth:`check_compatible` keep their global
+    meaning, while :attr:`mean`, :attr:`variance`, :attr:`deviations`, :meth:`covariance_factors` and
+    :attr:`nbytes` are this process's part (``num_local_params`` columns, in the order of
+    ``layout.pieces``).
 
     Example:
         >>> net = nn.Linear(3, 2)
@@ -260,6 +290,7 @@ class SWAGPosterior:
         moment_dtype: torch.dtype = torch.float64,
         deviation_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        layout: ShardLayout | None = None,
     ) -> None:
         if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 0:
             raise ValueError(f"max_rank must be an int >= 0 (0 = SWAG-Diagonal), got {max_rank!r}.")
@@ -274,13 +305,17 @@ class SWAGPosterior:
         self.param_numels: list[int] = [math.prod(s) for s in self.param_shapes.values()]
         self.num_params = sum(self.param_numels)
         self.max_rank = max_rank
+        if layout is not None and layout.shapes != self.param_shapes:
+            raise ValueError("layout does not describe these parameters (other names or shapes).")
+        self._layout = layout
+        num_local = layout.num_local if layout is not None else self.num_params
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self._mean = torch.zeros(self.num_params, dtype=moment_dtype, device=device)
+        self._mean = torch.zeros(num_local, dtype=moment_dtype, device=device)
         self._sum_sq_dev = torch.zeros_like(self._mean)
         self._scratch = torch.empty_like(self._mean)
-        self._scratch_views = list(self._split(self._scratch))
+        self._make_scratch_views()
         # The ring buffer of deviations: allocated once, row ``n % max_rank`` written by snapshot n.
-        self._deviations = torch.zeros(max_rank, self.num_params, dtype=deviation_dtype, device=device)
+        self._deviations = torch.zeros(max_rank, num_local, dtype=deviation_dtype, device=device)
         self._num_snapshots = 0
         self._sampling_cache: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
@@ -295,10 +330,15 @@ class SWAGPosterior:
         moment_dtype: torch.dtype = torch.float64,
         deviation_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        shard: bool = False,
     ) -> SWAGPosterior:
         """An empty posterior for ``model``'s trainable parameters (or those matching ``include``).
 
         ``device`` defaults to the device of the model's first tracked parameter.
+
+        Sharding: parameters sharded by FSDP2's ``fully_shard`` (DTensors) always give a posterior of
+        this process's shards. ``shard=True`` with plain parameters and an initialised process group
+        of several processes (DDP) keeps a ``1/world_size`` slice of the weights on each process.
         """
         selected = select_parameters(model, include)
         uninitialized = [n for n, p in selected if isinstance(p, nn.parameter.UninitializedParameter)]
@@ -316,6 +356,7 @@ class SWAGPosterior:
             moment_dtype=moment_dtype,
             deviation_dtype=deviation_dtype,
             device=device,
+            layout=ShardLayout.for_parameters(selected, shard),
         )
 
     # ------------------------------------------------------------------ properties
@@ -346,16 +387,36 @@ class SWAGPosterior:
         return min(self._num_snapshots, self.max_rank)
 
     @property
+    def layout(self) -> ShardLayout | None:
+        """The part of the weights this process keeps (``None``: all of them)."""
+        return self._layout
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether this process keeps only a part of the weights' statistics."""
+        return self._layout is not None
+
+    @property
+    def num_local_params(self) -> int:
+        """Columns of the statistics this process keeps (``num_params`` when unsharded)."""
+        return self._mean.numel()
+
+    @property
+    def local_ranges(self) -> list[tuple[int, int]]:
+        """The global ``[start, end)`` ranges of the flat weight vector kept here, in local order."""
+        return self._layout.ranges if self._layout is not None else [(0, self.num_params)]
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by this posterior's statistics on its device (moments, scratch, deviation
-        buffer and any cached float32 sampling moments)."""
+        buffer and any cached float32 sampling moments); for a sharded posterior, this process's."""
         tensors = [self._mean, self._sum_sq_dev, self._scratch, self._deviations]
         tensors += [t for pair in self._sampling_cache.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
     def mean(self) -> Tensor:
-        """The SWA weights ``θ̄`` as a flat ``[P]`` tensor (a copy)."""
+        """The SWA weights ``θ̄`` as a flat ``[P]`` tensor (a copy; sharded: this process's part)."""
         self._require_snapshots("mean")
         return self._mean.clone()
 
@@ -380,10 +441,11 @@ class SWAGPosterior:
         return torch.cat([self._deviations[start:], self._deviations[:start]])
 
     def __repr__(self) -> str:
+        sharded = f", sharded={self._layout.describe()}" if self._layout is not None else ""
         return (
             f"SWAGPosterior(num_params={self.num_params}, num_snapshots={self.num_snapshots}, "
             f"rank={self.rank}/{self.max_rank}, device={self.device}, moment_dtype={self.moment_dtype}, "
-            f"deviation_dtype={self.deviation_dtype})"
+            f"deviation_dtype={self.deviation_dtype}{sharded})"
         )
 
     # ------------------------------------------------------------------ collection
@@ -412,18 +474,21 @@ class SWAGPosterior:
                     f"{tuple(shape)}. Is this posterior from another architecture?"
                 )
             tensors.append(tensor.detach())
+        if self._layout is not None:  # this process's pieces only: views of the (local) weights
+            tensors = self._layout.sources(dict(zip(self.param_shapes, tensors, strict=True)))
         with torch.no_grad():
             torch._foreach_copy_(self._scratch_views, tensors)
             self._add_flat_scratch()
 
     def collect_flat(self, theta: Tensor) -> None:
-        """Add a snapshot given as a flat ``[P]`` vector (tracked parameters concatenated)."""
+        """Add a snapshot given as a flat ``[P]`` vector (tracked parameters concatenated; a sharded
+        posterior keeps its part of it)."""
         if theta.dim() != 1 or theta.numel() != self.num_params:
             raise ValueError(
                 f"Expected a flat vector of {self.num_params} weights, got shape {tuple(theta.shape)}."
             )
         with torch.no_grad():
-            self._scratch.copy_(theta)
+            self._scratch.copy_(theta if self._layout is None else self._layout.take(theta))
             self._add_flat_scratch()
 
     def _add_flat_scratch(self) -> None:
@@ -431,7 +496,7 @@ class SWAGPosterior:
         if not bool(torch.isfinite(theta).all()):
             bad = [
                 name
-                for name, view in zip(self.param_shapes, self._scratch_views, strict=True)
+                for name, view in zip(self._scratch_names, self._scratch_views, strict=True)
                 if not bool(torch.isfinite(view).all())
             ]
             raise FloatingPointError(
@@ -482,7 +547,52 @@ class SWAGPosterior:
                 float32 from float32 copies of the mean and standard deviation (cached until the
                 next snapshot), float64 ones in float64.
             device: where to put the result (default: the posterior's device).
+
+        Raises:
+            ValueError: the posterior is sharded (use :meth:`sample_local`, or :meth:`gather` first).
         """
+        if self._layout is not None:
+            raise ValueError(
+                f"This posterior is sharded ({self._layout.describe()} on this process), so it cannot draw "
+                "whole weight vectors: draw this process's part with sample_local(..., seed=s) (the same s on "
+                "every process), or join the parts with gather() / save() first."
+            )
+        return self.sample_local(
+            num_samples,
+            scale,
+            generator,
+            seed=seed,
+            first_sample=first_sample,
+            diagonal_only=diagonal_only,
+            dtype=dtype,
+            device=device,
+        )
+
+    def sample_local(
+        self,
+        num_samples: int,
+        scale: float = 0.5,
+        generator: torch.Generator | None = None,
+        *,
+        seed: int | None = None,
+        first_sample: int = 0,
+        diagonal_only: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """This process's columns ``[num_samples, num_local_params]`` of the samples :meth:`sample`
+        draws (all columns when unsharded), with the same arguments.
+
+        Every process draws its own columns of the seed's noise table and the same low-rank noise, so
+        the parts joined by columns (:func:`~lightning_swag.sharding.all_gather_columns`) are the
+        samples of the unsharded posterior, whatever the sharding. No communication. A sharded
+        posterior needs ``seed``, the same on every process.
+        """
+        if self._layout is not None and seed is None:
+            raise ValueError(
+                "sample_local of a sharded posterior needs seed=<int>, the same on every process: the "
+                "processes' parts only form one sample when they come from the same noise table."
+            )
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}.")
         if not isinstance(scale, (int, float)) or not scale >= 0 or not math.isfinite(scale):
@@ -498,8 +608,10 @@ class SWAGPosterior:
             samples = mean.expand(num_samples, -1).clone()
         else:
             noise = StandardNormalTiles(seed, self.num_params, self.rank, self.device)
-            samples = torch.empty(num_samples, self.num_params, dtype=compute_dtype, device=self.device)
-            noise.diagonal(samples, first_sample)
+            samples = torch.empty(num_samples, self.num_local_params, dtype=compute_dtype, device=self.device)
+            spans = self._layout.spans if self._layout is not None else [(0, 0, self.num_params)]
+            for local, start, count in spans:  # global columns: the same numbers whatever the sharding
+                noise.diagonal(samples[:, local : local + count], first_sample, start)
             root = math.sqrt(scale)
             torch.addcmul(mean, samples, std, value=root, out=samples)  # θ̄ + √scale·√var ⊙ z₁, one pass
             k = self.rank
@@ -542,7 +654,7 @@ class SWAGPosterior:
         if deviations.dtype == samples.dtype:
             samples.addmm_(z2, deviations, alpha=alpha)
             return
-        for start in range(0, self.num_params, _SAMPLE_BLOCK):
+        for start in range(0, self.num_local_params, _SAMPLE_BLOCK):
             cols = slice(start, start + _SAMPLE_BLOCK)
             samples[:, cols].addmm_(z2, deviations[:, cols].to(samples.dtype), alpha=alpha)
 
@@ -568,6 +680,24 @@ class SWAGPosterior:
             for (name, shape), chunk in zip(self.param_shapes.items(), chunks, strict=True)
         }
 
+    def unflatten_local(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split this process's columns ``[..., num_local_params]`` into ``{name: [..., *local shape]}``
+        views: for FSDP2 shards, the shapes of the parameters' local shards (``param.to_local()``)."""
+        if self._layout is None:
+            return self.unflatten(flat)
+        if self._layout.kind != "fsdp2":
+            raise ValueError("A DDP slice cuts parameters; join the columns with all_gather_columns first.")
+        if flat.shape[-1] != self.num_local_params:
+            raise ValueError(
+                f"Expected a last dimension of {self.num_local_params}, got shape {tuple(flat.shape)}."
+            )
+        lead = flat.shape[:-1]
+        return {
+            piece.name: flat[..., piece.local : piece.local + piece.count].reshape(*lead, *piece.local_shape)
+            for piece in self._layout.pieces
+            if piece.local_shape is not None
+        }
+
     def flatten(self, model: nn.Module) -> Tensor:
         """The tracked parameters of ``model`` as one flat vector (a copy)."""
         self.check_compatible(model)
@@ -575,10 +705,25 @@ class SWAGPosterior:
         return torch.cat([named[n].detach().reshape(-1) for n in self.param_shapes])
 
     def load_into(self, model: nn.Module, flat: Tensor | None = None) -> nn.Module:
-        """Write ``flat`` (default: the SWA mean) into the tracked parameters of ``model``, in place."""
+        """Write ``flat`` (default: the SWA mean) into the tracked parameters of ``model``, in place.
+
+        A posterior of FSDP2 shards writes this process's columns (``flat``: ``[num_local_params]``)
+        into the local shards of the (sharded) model."""
         self.check_compatible(model)
         if flat is None:
             flat = self.mean
+        if self._layout is not None:
+            if self._layout.kind != "fsdp2":
+                raise ValueError(
+                    "This posterior keeps a DDP slice of the weights, which cannot fill a whole model: "
+                    "gather() it to one process first (or predict with SWAGModule, which joins the samples)."
+                )
+            reshard_fsdp(model)
+            named = named_tracked(model)
+            with torch.no_grad():
+                for name, value in self.unflatten_local(flat).items():
+                    named[name].to_local().copy_(value)
+            return model
         named = named_tracked(model)
         with torch.no_grad():
             for name, value in self.unflatten(flat).items():
@@ -613,7 +758,17 @@ class SWAGPosterior:
 
         Format 2 (this version) stores the Welford sum of squared deviations ``sum_sq_dev``; format 1
         files (with the second moment ``sq_mean``) are still read.
+
+        Raises:
+            ValueError: the posterior is sharded (use :meth:`gather`, :meth:`save` or
+                :meth:`sharded_state_dict`).
         """
+        if self._layout is not None:
+            raise ValueError(
+                f"This posterior is sharded ({self._layout.describe()} on this process), and a state dict "
+                "holds whole statistics: join the parts with gather() (a collective) and take its state_dict(), "
+                "or use save(path) / sharded_state_dict(prefix)."
+            )
         return {
             "format_version": _FORMAT_VERSION,
             "param_shapes": {n: list(s) for n, s in self.param_shapes.items()},
@@ -625,7 +780,8 @@ class SWAGPosterior:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore statistics saved by :meth:`state_dict` into this (same-shaped) posterior."""
+        """Restore statistics saved by :meth:`state_dict` into this (same-shaped) posterior; a sharded
+        posterior keeps its part of them."""
         state = _upgrade_state(state)
         shapes = {canonical_name(n): torch.Size(s) for n, s in state["param_shapes"].items()}
         if shapes != self.param_shapes or int(state["max_rank"]) != self.max_rank:
@@ -635,32 +791,157 @@ class SWAGPosterior:
                 f"here {len(self.param_shapes)} tensors, max_rank={self.max_rank}). "
                 "Build the posterior with SWAGPosterior.from_state_dict instead."
             )
-        self._mean.copy_(state["mean"])
-        self._sum_sq_dev.copy_(state["sum_sq_dev"])
-        self._deviations.copy_(state["deviations"])
+        spans = self._layout.spans if self._layout is not None else [(0, 0, self.num_params)]
+        for local, start, count in spans:
+            for mine, saved in (
+                (self._mean, state["mean"]),
+                (self._sum_sq_dev, state["sum_sq_dev"]),
+                (self._deviations, state["deviations"]),
+            ):
+                mine[..., local : local + count].copy_(saved[..., start : start + count])
         self._num_snapshots = int(state["num_snapshots"])
         self._sampling_cache.clear()
 
     @classmethod
     def from_state_dict(
-        cls, state: Mapping[str, Any], device: torch.device | str | None = None
+        cls,
+        state: Mapping[str, Any],
+        device: torch.device | str | None = None,
+        *,
+        model: nn.Module | None = None,
+        shard: bool = False,
     ) -> SWAGPosterior:
-        """Build a posterior from :meth:`state_dict` output (dtypes preserved)."""
+        """Build a posterior from :meth:`state_dict` output (dtypes preserved).
+
+        With ``model``, the posterior is sharded as :meth:`from_model` would shard it for that model's
+        parameters (FSDP2 shards, or a DDP slice with ``shard=True``) and keeps only this process's
+        part of ``state``.
+        """
         state = _upgrade_state(state)
+        layout = None
+        if model is not None:
+            named = named_tracked(model)
+            names = [canonical_name(n) for n in state["param_shapes"]]
+            missing = [n for n in names if n not in named]
+            if missing:
+                raise ValueError(
+                    f"The model has no parameters {missing[:5]} that the saved posterior tracks."
+                )
+            layout = ShardLayout.for_parameters([(n, named[n]) for n in names], shard)
         post = cls(
             state["param_shapes"],
             int(state["max_rank"]),
             moment_dtype=state["mean"].dtype,
             deviation_dtype=state["deviations"].dtype,
             device=device if device is not None else state["mean"].device,
+            layout=layout,
         )
         post.load_state_dict(state)
         return post
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the posterior to ``path`` with ``torch.save`` (tensors moved to CPU)."""
+        """Write the posterior to ``path`` with ``torch.save`` (tensors moved to CPU).
+
+        A sharded posterior must call it on every process (a collective): the parts are gathered to
+        global rank 0, which writes the unsharded posterior (it then holds it all in host memory).
+        """
+        if self._layout is not None:
+            whole = self.gather(dst=0)
+            if whole is not None:
+                whole.save(path)
+            dist.barrier()
+            return
         state = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self.state_dict().items()}
         torch.save(state, path)
+
+    # ------------------------------------------------------------------ sharded posteriors
+    def gather(self, dst: int = 0) -> SWAGPosterior | None:
+        """The unsharded posterior (on the CPU) on global rank ``dst``, ``None`` on the other processes.
+
+        A collective: every process must call it. The statistics travel row by row, so besides the
+        result ``dst`` holds one padded row per process at a time. An unsharded posterior returns
+        itself.
+        """
+        if self._layout is None:
+            return self
+        whole = None
+        if dist.get_rank() == dst:
+            whole = SWAGPosterior(
+                self.param_shapes,
+                self.max_rank,
+                moment_dtype=self.moment_dtype,
+                deviation_dtype=self.deviation_dtype,
+                device="cpu",
+            )
+        pairs = [("_mean", None), ("_sum_sq_dev", None)] + [("_deviations", j) for j in range(self.max_rank)]
+        for attribute, row in pairs:
+            mine = getattr(self, attribute)
+            mine = mine.unsqueeze(0) if row is None else mine[row : row + 1]
+            target = None
+            if whole is not None:
+                target = getattr(whole, attribute)
+                target = target.unsqueeze(0) if row is None else target[row : row + 1]
+            gather_columns(mine, self._layout, dst, out=target)
+        if whole is not None:
+            whole._num_snapshots = self._num_snapshots
+        return whole
+
+    def sharded_state_dict(self, prefix: str) -> dict[str, Tensor]:
+        """Per-parameter DTensor views of this process's statistics (FSDP2 posteriors), keyed
+        ``<prefix><statistic>/<name>``, for ``torch.distributed.checkpoint``: saving writes every
+        process's shards, loading fills this posterior in place (see :mod:`lightning_swag.checkpoint`)."""
+        if self._layout is None or self._layout.kind != "fsdp2":
+            raise ValueError("sharded_state_dict is for posteriors of FSDP2 (fully_shard) parameters.")
+        buffers = (self._mean, self._sum_sq_dev, self._deviations)
+        return dtensor_views(self._layout, dict(zip(SHARDED_STATISTICS, buffers, strict=True)), prefix)
+
+    def sharded_description(self, prefix: str) -> dict[str, Any]:
+        """Everything but the tensors of :meth:`sharded_state_dict`: what is needed to rebuild the
+        posterior from them (plain Python values, stored in the callback state)."""
+        return {
+            "prefix": prefix,
+            "format_version": _FORMAT_VERSION,
+            "param_shapes": {n: list(s) for n, s in self.param_shapes.items()},
+            "max_rank": self.max_rank,
+            "num_snapshots": self._num_snapshots,
+            "moment_dtype": str(self.moment_dtype).removeprefix("torch."),
+            "deviation_dtype": str(self.deviation_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_distributed_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str],
+        description: Mapping[str, Any],
+        model: nn.Module,
+        device: torch.device | str | None = None,
+    ) -> SWAGPosterior:
+        """This process's part of a posterior stored by :meth:`sharded_state_dict` in the distributed
+        checkpoint folder ``checkpoint``, for the FSDP2-sharded ``model`` (a collective: each process
+        reads its own shards)."""
+        reshard_fsdp(model)
+        named = named_tracked(model)
+        names = list(description["param_shapes"])
+        layout = ShardLayout.fsdp2([(n, named[n]) for n in names])
+        post = cls(
+            description["param_shapes"],
+            int(description["max_rank"]),
+            moment_dtype=getattr(torch, description["moment_dtype"]),
+            deviation_dtype=getattr(torch, description["deviation_dtype"]),
+            device=device if device is not None else named[names[0]].device,
+            layout=layout,
+        )
+        load_dtensor_views(post.sharded_state_dict(description["prefix"]), checkpoint)
+        post._num_snapshots = int(description["num_snapshots"])
+        return post
+
+    @classmethod
+    def from_sharded_entries(
+        cls, description: Mapping[str, Any], entries: Mapping[str, Tensor]
+    ) -> SWAGPosterior:
+        """The unsharded posterior from whole per-parameter statistics, e.g. the ``_swag/`` entries of a
+        distributed checkpoint consolidated with ``torch.distributed.checkpoint.format_utils``."""
+        return cls.from_state_dict(posterior_state_from_entries(description, entries))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str | None = "cpu") -> SWAGPosterior:
@@ -686,11 +967,21 @@ class SWAGPosterior:
         self._sum_sq_dev = self._sum_sq_dev.to(device)
         self._deviations = self._deviations.to(device)
         self._scratch = torch.empty_like(self._mean)
-        self._scratch_views = list(self._split(self._scratch))
+        self._make_scratch_views()
         self._sampling_cache.clear()
         return self
 
     # ------------------------------------------------------------------ helpers
+    def _make_scratch_views(self) -> None:
+        """Views of the scratch vector that snapshots are copied into, with their parameter names: one
+        per parameter (shaped like it) when unsharded, one flat view per piece when sharded."""
+        if self._layout is None:
+            self._scratch_views = list(self._split(self._scratch))
+            self._scratch_names = list(self.param_shapes)
+        else:
+            self._scratch_views = [self._scratch[p.local : p.local + p.count] for p in self._layout.pieces]
+            self._scratch_names = [p.name for p in self._layout.pieces]
+
     def _split(self, flat: Tensor) -> Iterable[Tensor]:
         return (
             chunk.view(shape)

@@ -76,7 +76,10 @@ def summarize_classification(logits: Tensor) -> dict[str, Tensor]:
         "mean": mean,
         "std": std,
         "entropy": entropy,
-        "mutual_information": (entropy - expected_entropy).clamp_(min=0),
+        # one sample cannot disagree with itself: exactly 0, not the rounding of two entropy formulas
+        "mutual_information": (entropy - expected_entropy).clamp_(min=0)
+        if logits.shape[0] > 1
+        else torch.zeros_like(entropy),
     }
 
 

@@ -1,6 +1,7 @@
 """Distributed training: DDP (2 CPU processes, gloo) gives every rank the same posterior, equal to
-the single-process posterior of the same snapshots; BMA prediction runs under DDP; sharded
-strategies are refused with a clear error.
+the single-process posterior of the same snapshots; BMA prediction runs under DDP; the sharded
+strategies SWAG does not support (FSDP1, DeepSpeed) are refused with a clear error, while
+``ModelParallelStrategy`` (FSDP2) passes (sharded SWAG itself is tested in ``test_sharded.py``).
 
 The DDP run is ``ddp_train_script.py`` launched as a subprocess with ``strategy="ddp"`` (Lightning
 re-runs the script for rank 1), which is how DDP is used in practice and keeps the posterior in
@@ -145,12 +146,11 @@ DeepSpeedLookalike = type("DeepSpeedStrategy", (), {})  # DeepSpeed itself is no
     [
         (FSDPStrategy(), "FSDPStrategy"),
         (MyFSDP(), "MyFSDP (a FSDPStrategy)"),
-        (ModelParallelStrategy(), "ModelParallelStrategy"),
         (DeepSpeedLookalike(), "DeepSpeedStrategy"),
     ],
-    ids=["fsdp", "fsdp-subclass", "model-parallel", "deepspeed"],
+    ids=["fsdp", "fsdp-subclass", "deepspeed"],
 )
-def test_sharded_strategies_are_refused_with_a_clear_error(strategy, shown) -> None:
+def test_unsupported_sharded_strategies_are_refused_with_a_clear_error(strategy, shown) -> None:
     # Lightning refuses FSDP on CPU before any callback runs, so the trainer is a stand-in that
     # carries the strategy object; SWAGCallback.setup only looks at trainer.strategy.
     trainer = SimpleNamespace(strategy=strategy)
@@ -158,13 +158,17 @@ def test_sharded_strategies_are_refused_with_a_clear_error(strategy, shown) -> N
     with pytest.raises(RuntimeError, match="sharded strategy") as err:
         swag.setup(trainer, TinyRegressor(), "fit")  # type: ignore[arg-type]
     message = str(err.value)
-    assert shown in message and "strategy='ddp'" in message and "shard" in message
+    assert shown in message
+    # and it says what works instead: FSDP2 under ModelParallelStrategy, or DDP with sharded statistics
+    assert "ModelParallelStrategy" in message and "fully_shard" in message
+    assert "strategy='ddp'" in message and "shard=True" in message
 
 
-def test_sharded_check_only_concerns_fit_and_lets_ddp_through() -> None:
+def test_sharded_check_only_concerns_fit_and_lets_ddp_and_model_parallel_through() -> None:
     swag = SWAGCallback()
     swag.setup(SimpleNamespace(strategy=FSDPStrategy()), TinyRegressor(), "predict")  # type: ignore[arg-type]
     swag.setup(SimpleNamespace(strategy=DDPStrategy()), TinyRegressor(), "fit")  # type: ignore[arg-type]
+    swag.setup(SimpleNamespace(strategy=ModelParallelStrategy()), TinyRegressor(), "fit")  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # strategy="ddp" (subprocess launcher): no warning either
         swag.setup(

@@ -20,6 +20,7 @@ CORE_MODULES = [
     "lightning_swag.batches",
     "lightning_swag.vectorize",
     "lightning_swag.checkpoint",
+    "lightning_swag.sharding",
     "lightning_swag.metrics",
     "lightning_swag.writer",
     "lightning_swag.cli",

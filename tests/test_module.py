@@ -606,3 +606,14 @@ def test_a_noise_model_needs_regression() -> None:
     net = _classifier()
     with pytest.raises(ValueError, match="noise model for regression"):
         SWAGModule(net, _posterior_for(net), task="classification", noise=0.5)
+
+
+def test_tune_scale_gives_an_overflowing_candidate_the_worst_score() -> None:
+    net = _hetero_net()
+    post = _posterior_for(net, snapshots=8)
+    x = torch.linspace(-3, 3, 20).unsqueeze(1)
+    loader = DataLoader(TensorDataset(x, torch.sin(x).squeeze(1)), batch_size=10)
+    bma = SWAGModule(net, post, num_samples=4, seed=1, noise="heteroscedastic")
+    with pytest.warns(UserWarning, match="edge"):
+        scores = bma.tune_scale(loader, scales=[0.5, 1.0, 1e30])  # exp(log-variance) overflows at 1e30
+    assert scores[1e30] == float("inf") and bma.scale in (0.5, 1.0)

@@ -325,6 +325,9 @@ def test_the_noise_does_not_depend_on_the_number_of_threads() -> None:
         serial = post.sample(3, seed=4, dtype=torch.float32)
         torch.set_num_threads(3)
         parallel = post.sample(3, seed=4, dtype=torch.float32)
+        with torch.inference_mode():  # as in Lightning's predict loop: the worker threads follow
+            in_inference = post.sample(3, seed=4, dtype=torch.float32)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(serial, parallel)
+    assert torch.equal(serial, in_inference)
