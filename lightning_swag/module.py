@@ -47,6 +47,7 @@ __all__ = ["SWAGModule", "infer_task"]
 Task = Literal["regression", "classification"]
 Covariance = Literal["low_rank", "diagonal"]
 Noise = float | Literal["heteroscedastic"] | None
+MemoryFormat = Literal["auto", "channels_last", "preserve"]
 _REGRESSION_TEST_KEYS = (
     "nll",
     "rmse",
@@ -148,6 +149,14 @@ class SWAGModule(L.LightningModule):
             ``std`` (total), ``epistemic_std`` (spread of the sample means) and ``aleatoric_std``
             (root of the mean noise variance); ``return_samples`` adds ``samples`` (the sample
             means) and ``sample_variances``.
+        memory_format: the layout of 4-D tensors in the forward passes of conv nets. ``"auto"``: on a
+            CPU, for a model with ``Conv2d`` layers and 4-D inputs, the inputs and the sampled conv
+            weights go channels-last (oneDNN's fast convolutions: 1.5-1.9x on a LeNet-style net
+            here; on ResNet-18 about 5% slower, the cost of copying the sampled conv weights),
+            unless a trial forward pass on two inputs at the first batch fails (e.g. a ``.view``
+            that needs contiguous activations); elsewhere nothing changes.
+            ``"channels_last"`` forces it, ``"preserve"`` keeps the tensors as they come. Results
+            agree to float rounding.
 
     Batch layout: inputs and targets are found by :meth:`batch_inputs` and :meth:`batch_targets`
     (default: ``batch[0]`` and ``batch[1]`` of a tuple/list, or a bare input tensor). Override these
@@ -183,6 +192,7 @@ class SWAGModule(L.LightningModule):
         bn_num_batches: int | float | None = None,
         output_transform: Callable[[Any], Any] | None = None,
         noise: Noise = None,
+        memory_format: MemoryFormat = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -217,6 +227,10 @@ class SWAGModule(L.LightningModule):
                 f"bn_num_batches must be an int >= 1, a float in (0, 1] or None, got {bn_num_batches!r}."
             )
         _check_noise(noise)
+        if memory_format not in ("auto", "channels_last", "preserve"):
+            raise ValueError(
+                f"memory_format must be 'auto', 'channels_last' or 'preserve', got {memory_format!r}."
+            )
         self.model = unwrap_model(model)
         self.num_samples = num_samples
         self.scale = float(scale)
@@ -227,6 +241,13 @@ class SWAGModule(L.LightningModule):
                 "for classification (the softmax is its likelihood), or pass task='regression'."
             )
         self.noise: Noise = float(noise) if isinstance(noise, (int, float)) else noise
+        self.memory_format = memory_format
+        self._channels_last: bool | None = None  # decided at the first batch
+        self._conv_weights = {
+            f"{name}.weight" if name else "weight"
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Conv2d)
+        }
         self.covariance = covariance
         self.return_samples = return_samples
         self.seed = seed
@@ -482,9 +503,14 @@ class SWAGModule(L.LightningModule):
                 module.training = training
 
     def _sample_outputs(self, x: Any) -> Tensor:
+        channels_last = self._use_channels_last(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         chunks = self._sample_cache
         if chunks is None:
             chunks = self.iter_weight_samples()
+            if channels_last:
+                chunks = map(self._conv_weights_channels_last, chunks)
             itemsize = self._model_dtype().itemsize
             total_bytes = itemsize * sum(self.num_samples * post.num_params for post in self._posteriors)
             if total_bytes <= _CACHE_BYTES:
@@ -538,6 +564,47 @@ class SWAGModule(L.LightningModule):
         else:
             parts = post.unflatten(all_gather_columns(post.sample_local(num, **kwargs), post.layout))
         return {self._model_names[n]: v for n, v in parts.items()}
+
+    def _use_channels_last(self, x: Any) -> bool:
+        """Whether this run's forward passes use channels-last 4-D tensors (see ``memory_format``)."""
+        if self._channels_last is None:  # decided once per module, at its first batch
+            self._channels_last = self._decide_channels_last(x)
+        return self._channels_last and isinstance(x, Tensor) and x.dim() == 4
+
+    def _decide_channels_last(self, x: Any) -> bool:
+        if self.memory_format == "preserve" or has_dtensor_parameters(self.model):
+            return False
+        eligible = isinstance(x, Tensor) and x.dim() == 4 and bool(self._conv_weights)
+        if self.memory_format == "channels_last":
+            if not eligible:
+                raise ValueError(
+                    "memory_format='channels_last' needs a model with Conv2d layers and 4-D inputs; use 'auto'."
+                )
+            return True
+        if not eligible or self._model_device().type != "cpu":
+            return False
+        # A trial on two inputs with the model's own weights laid out as the samples will be: does its
+        # forward accept channels-last activations (a .view() may not)?
+        weights_cl = {
+            name: p.detach().contiguous(memory_format=torch.channels_last)
+            for name, p in self.model.named_parameters()
+            if name in self._conv_weights and p.dim() == 4
+        }
+        try:
+            functional_call(self.model, weights_cl, (x[:2].contiguous(memory_format=torch.channels_last),))
+        except Exception:  # noqa: BLE001 - e.g. a .view() that needs contiguous activations
+            return False
+        return True
+
+    def _conv_weights_channels_last(self, sampled: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The chunk with every sampled ``Conv2d`` weight ``[S, O, I, kh, kw]`` laid out so that each
+        sample's ``[O, I, kh, kw]`` slice is channels-last."""
+        return {
+            name: value.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+            if name in self._conv_weights and value.dim() == 5
+            else value
+            for name, value in sampled.items()
+        }
 
     def _model_device(self) -> torch.device:
         return next(iter(self.model.parameters())).device

@@ -102,3 +102,56 @@ def test_auto_on_an_accelerator_is_vmap() -> None:
     assert vectorize.choose_vectorization("auto", "cpu") == "auto"
     with pytest.raises(ValueError, match="vectorize"):
         vectorize.choose_vectorization("sometimes", "cpu")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- memory format of conv nets
+
+
+class _ViewAfterConv(nn.Module):
+    """Flattens with .view, which needs contiguous activations: channels-last would break it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 14 * 14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_conv_nets_run_channels_last_on_a_cpu_with_the_same_predictions() -> None:
+    net, x = _architectures()["conv"]
+    post = _posterior(net)
+    auto = SWAGModule(net, post, num_samples=5, seed=3, task="classification", return_samples=True)
+    preserve = SWAGModule(
+        net, post, num_samples=5, seed=3, task="classification", return_samples=True, memory_format="preserve"
+    )
+    a, p = auto(x), preserve(x)
+    assert auto._channels_last is True and preserve._channels_last is False
+    torch.testing.assert_close(a["samples"], p["samples"], rtol=1e-4, atol=1e-5)
+    # the model itself is untouched: its weights keep their layout
+    assert all(w.is_contiguous() for w in net.parameters())
+
+
+def test_a_model_that_needs_contiguous_activations_keeps_its_layout() -> None:
+    torch.manual_seed(0)
+    net = _ViewAfterConv()
+    post = _posterior(net)
+    x = torch.randn(6, 3, 14, 14)
+    channels_last_conv = {
+        "conv.weight": net.conv.weight.detach().contiguous(memory_format=torch.channels_last)
+    }
+    with pytest.raises(RuntimeError, match="view"):  # why the trial forward says no
+        torch.func.functional_call(net, channels_last_conv, (x,))
+    bma = SWAGModule(net, post, num_samples=3, seed=0, task="classification")
+    out = bma(x)
+    assert bma._channels_last is False and out["mean"].shape == (6, 3)
+
+
+def test_forcing_channels_last_needs_a_conv_net() -> None:
+    net, x = _architectures()["mlp"]
+    with pytest.raises(ValueError, match="Conv2d"):
+        SWAGModule(net, _posterior(net), memory_format="channels_last")(x)
+    with pytest.raises(ValueError, match="memory_format"):
+        SWAGModule(net, _posterior(net), memory_format="nhwc")  # type: ignore[arg-type]
