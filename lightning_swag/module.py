@@ -598,11 +598,13 @@ class SWAGModule(L.LightningModule):
 
     def _conv_weights_channels_last(self, sampled: dict[str, Tensor]) -> dict[str, Tensor]:
         """The chunk with every sampled ``Conv2d`` weight ``[S, O, I, kh, kw]`` laid out so that each
-        sample's ``[O, I, kh, kw]`` slice is channels-last."""
+        sample's ``[O, I, kh, kw]`` slice is channels-last.
+
+        The samples are fresh tensors of this run, so each weight is rewritten in its own storage: the
+        extra memory is one weight's copy, not a second copy of the chunk.
+        """
         return {
-            name: value.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-            if name in self._conv_weights and value.dim() == 5
-            else value
+            name: _channels_last_in_place(value) if name in self._conv_weights and value.dim() == 5 else value
             for name, value in sampled.items()
         }
 
@@ -1005,3 +1007,22 @@ def _check_scale(scale: Any) -> None:
         isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0
     ):
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}.")
+
+
+def _channels_last_in_place(weights: Tensor) -> Tensor:
+    """``[S, O, I, kh, kw]`` conv weights, each sample's slice contiguous, rewritten in their own
+    storage so that each slice is channels-last (``[O, kh, kw, I]`` in memory); a copy where the
+    slices are not contiguous."""
+    num, out_ch, in_ch, kh, kw = weights.shape
+    if weights[0].is_contiguous(memory_format=torch.channels_last):  # e.g. 1×1 kernels: nothing to move
+        return weights
+    permuted = weights.permute(0, 1, 3, 4, 2).contiguous()
+    if not weights[0].is_contiguous():
+        return permuted.permute(0, 1, 4, 2, 3)
+    target = weights.as_strided(
+        (num, out_ch, kh, kw, in_ch),
+        (weights.stride(0), kh * kw * in_ch, kw * in_ch, in_ch, 1),
+        weights.storage_offset(),
+    )
+    target.copy_(permuted)
+    return target.permute(0, 1, 4, 2, 3)

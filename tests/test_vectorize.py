@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_swag.module as module_lib
 import lightning_swag.vectorize as vectorize
 from lightning_swag import SWAGModule, SWAGPosterior
 
@@ -132,6 +133,41 @@ def test_conv_nets_run_channels_last_on_a_cpu_with_the_same_predictions() -> Non
     torch.testing.assert_close(a["samples"], p["samples"], rtol=1e-4, atol=1e-5)
     # the model itself is untouched: its weights keep their layout
     assert all(w.is_contiguous() for w in net.parameters())
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_channels_last_samples_equal_the_plain_ones_for_any_kernel(chunk_size: int) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),  # 1×1: already channels-last as it comes
+        nn.Conv2d(4, 3, (1, 3)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    post, x = _posterior(net), torch.randn(4, 2, 8, 8)
+    layouts: list[bool] = []
+    for conv in (net[0], net[2], net[3]):
+        conv.register_forward_pre_hook(
+            lambda m, _: layouts.append(m.weight.is_contiguous(memory_format=torch.channels_last))
+        )
+    common = dict(num_samples=5, seed=3, task="classification", return_samples=True, vectorize="loop")
+    cl = SWAGModule(net, post, chunk_size=chunk_size, memory_format="channels_last", **common)(x)
+    assert layouts and all(layouts)  # every sampled conv weight reached the forward channels-last
+    plain = SWAGModule(net, post, chunk_size=chunk_size, memory_format="preserve", **common)(x)
+    torch.testing.assert_close(cl["samples"], plain["samples"], rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_conv_weights_are_rewritten_channels_last_in_their_own_storage() -> None:
+    flat = torch.randn(3, 100 + 4 * 2 * 3 * 5)  # a chunk of samples: other weights, then one conv weight
+    weights = flat[:, 100:].reshape(3, 4, 2, 3, 5)
+    want = [w.clone() for w in weights]
+    out = module_lib._channels_last_in_place(weights)
+    assert out.data_ptr() == weights.data_ptr()  # no second copy of the chunk
+    for sample, expected in zip(out, want, strict=True):
+        assert sample.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(sample, expected, rtol=0, atol=0)
 
 
 def test_a_model_that_needs_contiguous_activations_keeps_its_layout() -> None:
