@@ -511,3 +511,30 @@ def test_the_private_lightning_apis_we_rely_on_still_exist() -> None:
     # 2. SWAGCallback recognises spawn-based launchers by the class name _MultiProcessingLauncher.
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
     assert type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher"
+
+
+def test_summarize_predictions_reports_what_the_readme_quotes(tmp_path: Path) -> None:
+    """``examples/summarize_predictions.py`` against the same numbers computed here."""
+    x = torch.linspace(-10, 10, 8).unsqueeze(1)
+    std = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.5, 1.5, 2.0, 4.0]).unsqueeze(1)
+    torch.save({"x": x, "mean": torch.zeros(8, 1), "std": std, "meta": {}}, tmp_path / "reg.pt")
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3], [0.9, 0.05, 0.05]])
+    spread = torch.tensor([[0.1, 0.0, 0.1], [0.0, 0.2, 0.0], [0.1, 0.1, 0.1], [0.0, 0.0, 0.1]])
+    labels = torch.tensor([0, 2, 0, 0])
+    torch.save({"mean": probs, "std": spread, "targets": labels, "meta": {}}, tmp_path / "cls.pt")
+    script = Path(__file__).resolve().parents[1] / "examples" / "summarize_predictions.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "reg.pt"), str(tmp_path / "cls.pt")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    inside = x.squeeze(1).abs() <= 5
+    want_in, want_out = std.squeeze(1)[inside].mean(), std.squeeze(1)[~inside].mean()
+    assert f"mean std {want_in:.2f} on |x| <= 5, {want_out:.2f} on |x| > 5" in out
+    entropy = -(probs * probs.log()).sum(-1).mean()
+    accuracy = (probs.argmax(-1) == labels).float().mean()
+    assert (
+        f"mean summed std {spread.sum(-1).mean():.3f}, mean entropy {entropy:.2f}, accuracy {accuracy:.1%}"
+        in out
+    )
