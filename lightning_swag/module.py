@@ -1011,18 +1011,22 @@ def _check_scale(scale: Any) -> None:
 
 def _channels_last_in_place(weights: Tensor) -> Tensor:
     """``[S, O, I, kh, kw]`` conv weights, each sample's slice contiguous, rewritten in their own
-    storage so that each slice is channels-last (``[O, kh, kw, I]`` in memory); a copy where the
-    slices are not contiguous."""
+    storage so that each slice has the channels-last strides of ``[O, kh, kw, I]`` in memory; a
+    copy where the slices are not contiguous.
+
+    Where a slice is already laid out channels-last (1×1 kernels, one input channel) no element
+    moves, but the strides are still set to the canonical channels-last ones: convolution picks
+    its kernel from the strides, and ambiguous ones send it to the slow path.
+    """
     num, out_ch, in_ch, kh, kw = weights.shape
-    if weights[0].is_contiguous(memory_format=torch.channels_last):  # e.g. 1×1 kernels: nothing to move
-        return weights
-    permuted = weights.permute(0, 1, 3, 4, 2).contiguous()
+    to_channels_last = (0, 1, 3, 4, 2)
     if not weights[0].is_contiguous():
-        return permuted.permute(0, 1, 4, 2, 3)
+        return weights.permute(*to_channels_last).contiguous().permute(0, 1, 4, 2, 3)
     target = weights.as_strided(
         (num, out_ch, kh, kw, in_ch),
         (weights.stride(0), kh * kw * in_ch, kw * in_ch, in_ch, 1),
         weights.storage_offset(),
     )
-    target.copy_(permuted)
+    if not weights[0].is_contiguous(memory_format=torch.channels_last):  # the elements must move
+        target.copy_(weights.permute(*to_channels_last).contiguous())
     return target.permute(0, 1, 4, 2, 3)

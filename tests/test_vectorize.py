@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -139,18 +140,20 @@ def test_conv_nets_run_channels_last_on_a_cpu_with_the_same_predictions() -> Non
 def test_channels_last_samples_equal_the_plain_ones_for_any_kernel(chunk_size: int) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1),
+        nn.Conv2d(1, 4, 3, padding=1),  # one input channel: already channels-last as it comes
         nn.ReLU(),
         nn.Conv2d(4, 4, 1),  # 1×1: already channels-last as it comes
         nn.Conv2d(4, 3, (1, 3)),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
-    post, x = _posterior(net), torch.randn(4, 2, 8, 8)
+    post, x = _posterior(net), torch.randn(4, 1, 8, 8)
     layouts: list[bool] = []
     for conv in (net[0], net[2], net[3]):
-        conv.register_forward_pre_hook(
-            lambda m, _: layouts.append(m.weight.is_contiguous(memory_format=torch.channels_last))
+        conv.register_forward_pre_hook(  # the canonical channels-last strides, which pick the kernel
+            lambda m, _: layouts.append(
+                m.weight.stride() == torch.empty(m.weight.shape, memory_format=torch.channels_last).stride()
+            )
         )
     common = dict(num_samples=5, seed=3, task="classification", return_samples=True, vectorize="loop")
     cl = SWAGModule(net, post, chunk_size=chunk_size, memory_format="channels_last", **common)(x)
@@ -159,14 +162,19 @@ def test_channels_last_samples_equal_the_plain_ones_for_any_kernel(chunk_size: i
     torch.testing.assert_close(cl["samples"], plain["samples"], rtol=1e-4, atol=1e-5)
 
 
-def test_sampled_conv_weights_are_rewritten_channels_last_in_their_own_storage() -> None:
-    flat = torch.randn(3, 100 + 4 * 2 * 3 * 5)  # a chunk of samples: other weights, then one conv weight
-    weights = flat[:, 100:].reshape(3, 4, 2, 3, 5)
+@pytest.mark.parametrize("shape", [(4, 2, 3, 5), (4, 1, 3, 3), (4, 2, 1, 1)])
+def test_sampled_conv_weights_are_rewritten_channels_last_in_their_own_storage(
+    shape: tuple[int, ...],
+) -> None:
+    numel = math.prod(shape)
+    flat = torch.randn(3, 100 + numel)  # a chunk of samples: other weights, then one conv weight
+    weights = flat[:, 100:].reshape(3, *shape)
     want = [w.clone() for w in weights]
     out = module_lib._channels_last_in_place(weights)
     assert out.data_ptr() == weights.data_ptr()  # no second copy of the chunk
+    canonical = torch.empty(shape, memory_format=torch.channels_last).stride()
     for sample, expected in zip(out, want, strict=True):
-        assert sample.is_contiguous(memory_format=torch.channels_last)
+        assert sample.stride() == canonical
         torch.testing.assert_close(sample, expected, rtol=0, atol=0)
 
 
