@@ -35,10 +35,16 @@ prediction path, from a collected posterior to BMA class probabilities (sampling
 * lightning-uq-box: ``SWAGClassification.predict_step(x)`` (one batch) or ``trainer.predict``; it
   redraws its samples for every batch and has no BatchNorm refresh ("–").
 
+* plain loop: not a package, the baseline a user writes by hand: ``posterior.sample`` of float32
+  weight vectors from lightning-swag's posterior, then per sample ``vector_to_parameters``,
+  ``torch.optim.swa_utils.update_bn`` (BatchNorm rows) and the eval-mode forward over the batches,
+  softmax-averaged; no vmap, no channels-last, no Trainer.
+
 Plus the extra ``fit`` time of collecting 30 ResNet-18 snapshots: each package's fit with its SWAG
 machinery minus the same fit without it (see :func:`collection_seconds`), per 30 snapshots.
 Repetitions are interleaved (package order rotated each repetition) and medians are reported;
-the last column is the fastest peer's time over lightning-swag's (above 1: lightning-swag faster).
+the last two columns are the fastest peer's time and the plain loop's over lightning-swag's (above
+1: lightning-swag faster).
 
 Usage::
 
@@ -79,6 +85,9 @@ TORCH_UNCERTAINTY = "torch-uncertainty"
 UQ_BOX = "lightning-uq-box"
 PEERS = (SWA_GAUSSIAN, TORCH_UNCERTAINTY, UQ_BOX)
 PACKAGES = (OURS, *PEERS)
+# Not a package: the loop a user writes by hand around lightning-swag's posterior (speed table only).
+PLAIN = "plain loop"
+SPEED_COLUMNS = (*PACKAGES, PLAIN)
 # The module each peer is imported from (the distribution name differs).
 _PEER_MODULES = {
     SWA_GAUSSIAN: ("swag", "swa-gaussian"),
@@ -894,6 +903,40 @@ class UQBoxRunner(Runner):
         return lambda: [b["pred"] for b in trainer.predict(self.uq, dataloaders=loader)]
 
 
+class PlainLoopRunner(Runner):
+    """The hand-written baseline: sample, load, forward, one weight sample at a time."""
+
+    package = PLAIN
+
+    def __init__(self, model: nn.Module, case: SpeedCase) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.case = case
+        self.posterior = SWAGPosterior.from_model(self.model, max_rank=case.max_rank)
+
+    def feed(self, theta: Tensor) -> None:
+        load_flat(self.model, theta)
+        self.posterior.collect(self.model)
+
+    def _bma(self, data: CaseData, batches: Sequence[Tensor], seed: int) -> list[Tensor]:
+        samples = self.posterior.sample(self.case.num_samples, scale=SCALE, seed=seed, dtype=torch.float32)
+        totals: list[Tensor] = []
+        with torch.no_grad():
+            for theta in samples:
+                load_flat(self.model, theta)
+                if self.case.bn_refresh:
+                    torch.optim.swa_utils.update_bn(data.bn_loader(self.case.bn_batch_size), self.model)
+                self.model.eval()
+                probs = [self.model(x).softmax(dim=-1) for x in batches]
+                totals = probs if not totals else [t + p for t, p in zip(totals, probs, strict=True)]
+        return [t / len(samples) for t in totals]
+
+    def prepare_one_batch(self, data: CaseData, seed: int) -> Callable[[], Tensor]:
+        return lambda: self._bma(data, [data.x_one], seed)[0]
+
+    def prepare_predict(self, data: CaseData, seed: int) -> Callable[[], list[Tensor]]:
+        return lambda: self._bma(data, list(data.tensor_loader()), seed)
+
+
 NO_EQUIVALENT = {
     (UQ_BOX, "bn"): "lightning-uq-box's SWAG has no BatchNorm refresh",
 }
@@ -914,6 +957,8 @@ def make_runners(
                 runners[package] = TorchUncertaintyRunner(model, case)
             elif package == UQ_BOX:
                 runners[package] = UQBoxRunner(model, case)
+            elif package == PLAIN:
+                runners[package] = PlainLoopRunner(model, case)
         for theta in snapshot_stream(model, case.num_snapshots, seed=1):
             for runner in runners.values():
                 runner.feed(theta)
@@ -1168,7 +1213,7 @@ def _run_collection(
     for rep in range(repeats):
         for t in threads:
             torch.set_num_threads(t)
-            for package in _rotated(list(packages), rep):
+            for package in _rotated([p for p in packages if p != PLAIN], rep):  # nothing to collect
                 seconds = collection_seconds(package, resnet18, x, y, epochs, max_rank, num_samples)
                 table[t].times.setdefault(package, []).append(seconds)
         log(f"    repetition {rep + 1}/{repeats} done")
@@ -1179,25 +1224,30 @@ MODE_TITLES = {"one": "one batch", "predict": "trainer.predict", "collect": "fit
 
 
 def format_speed(results: list[SpeedResult], missing: dict[str, str]) -> str:
-    """Markdown table: median seconds per package and the fastest peer's time / lightning-swag's."""
+    """Markdown table: median seconds per package, then the fastest peer's and the plain loop's time
+    over lightning-swag's."""
     lines = [
-        "| case | path | threads | " + " | ".join(PACKAGES) + " | fastest peer / lightning-swag |",
-        "|" + "---|" * (4 + len(PACKAGES)),
+        "| case | path | threads | "
+        + " | ".join(SPEED_COLUMNS)
+        + " | fastest peer / lightning-swag | plain loop / lightning-swag |",
+        "|" + "---|" * (5 + len(SPEED_COLUMNS)),
     ]
     for r in results:
         medians = {p: statistics.median(ts) for p, ts in r.times.items() if ts}
         cells = []
-        for p in PACKAGES:
+        for p in SPEED_COLUMNS:
             if p in medians:
                 cells.append(f"{medians[p]:.3g} s")
             else:
                 cells.append(DASH)
+        ours = medians.get(OURS, 0.0)
         peers = [medians[p] for p in PEERS if p in medians]
-        ratio = (
-            f"{min(peers) / medians[OURS]:.2f}×" if peers and OURS in medians and medians[OURS] > 0 else DASH
-        )
+        ratios = [
+            f"{theirs / ours:.2f}×" if theirs is not None and ours > 0 else DASH
+            for theirs in (min(peers) if peers else None, medians.get(PLAIN))
+        ]
         lines.append(
-            f"| {r.case} | {MODE_TITLES[r.mode]} | {r.threads} | " + " | ".join(cells) + f" | {ratio} |"
+            f"| {r.case} | {MODE_TITLES[r.mode]} | {r.threads} | " + " | ".join(cells + ratios) + " |"
         )
     return "\n".join(lines)
 
@@ -1208,6 +1258,8 @@ SPEED_NOTES = (
     " sample/`utils.predict` loop), sampling included.",
     "trainer.predict: over the predict batches (swa-gaussian has no Trainer: `utils.predict` per"
     " sample over the same batches); lightning-uq-box redraws its samples for every batch.",
+    "plain loop: not a package; float32 samples of lightning-swag's posterior, each loaded with"
+    " `vector_to_parameters` (+ `update_bn` in the BatchNorm rows) and run over the batches in eval mode.",
     "fit: extra wall time of fit with the package's SWAG machinery over the same fit without it,"
     " per 30 snapshots; torch-uncertainty's includes drawing its ensemble (and refreshing its"
     " BatchNorm statistics) at every update, which it does during fit.",
@@ -1234,7 +1286,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="speed rows to run (default: all): mlp,resnet18,resnet18_bn,transformer,convnet,collect",
     )
     parser.add_argument(
-        "--packages", default=",".join(PACKAGES), help="packages to run (default: all installed)"
+        "--packages",
+        default=",".join(SPEED_COLUMNS),
+        help="packages to run (default: all installed, and the plain loop in the speed table)",
     )
     parser.add_argument(
         "--corr-samples",
@@ -1265,9 +1319,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown --cases {sorted(unknown)}")
     args.package_list = [p.strip() for p in args.packages.split(",") if p.strip()]
-    if set(args.package_list) - set(PACKAGES):
+    if set(args.package_list) - set(SPEED_COLUMNS):
         parser.error(
-            f"unknown --packages {sorted(set(args.package_list) - set(PACKAGES))}; choose from {PACKAGES}"
+            f"unknown --packages {sorted(set(args.package_list) - set(SPEED_COLUMNS))}; "
+            f"choose from {SPEED_COLUMNS}"
         )
     if args.corr_samples is None:
         args.corr_samples = 20_000 if args.quick else 100_000
@@ -1309,7 +1364,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         print(
             f"\n## Correctness against the formula (scale {SCALE}, {args.corr_samples} samples per package)\n"
         )
-        rows = run_correctness(packages, args.corr_samples)
+        rows = run_correctness([p for p in packages if p != PLAIN], args.corr_samples)
         print(format_correctness(rows, missing))
         print()
         for package, note in {r["package"]: r["note"] for r in rows if r["note"]}.items():

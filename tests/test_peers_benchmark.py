@@ -103,7 +103,7 @@ def test_harness_runs_and_marks_missing_peers(peers, capsys):
         [
             "--quick",
             "--packages",
-            peers.OURS,
+            f"{peers.OURS},{peers.PLAIN}",
             "--cases",
             "mlp",
             "--repeats",
@@ -121,8 +121,11 @@ def test_harness_runs_and_marks_missing_peers(peers, capsys):
     assert {r["package"] for r in report["correctness"]} == {peers.OURS}
     speed = report["speed"]
     assert [r["mode"] for r in speed] == ["one", "predict"]
-    assert all(len(r["times"][peers.OURS]) == 1 for r in speed)
-    # A package without measurements prints "–", and so does the ratio without a peer.
+    assert all(len(r["times"][package]) == 1 for r in speed for package in (peers.OURS, peers.PLAIN))
+    # A package without measurements prints "–", and so do the ratios without a peer or plain loop.
     result = peers.SpeedResult("case", "one", 1, {peers.OURS: [1.0]})
     table = peers.format_speed([result], {})
-    assert table.splitlines()[-1].count(peers.DASH) == len(peers.PEERS) + 1
+    assert table.splitlines()[-1].count(peers.DASH) == len(peers.PEERS) + 3
+    # The plain-loop ratio is its time over ours.
+    result = peers.SpeedResult("case", "one", 1, {peers.OURS: [2.0], peers.PLAIN: [3.0]})
+    assert peers.format_speed([result], {}).splitlines()[-1].endswith("| 1.50× |")
