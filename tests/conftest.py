@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import torch
 from synthetic_idx import write_synthetic_idx
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_swag import SWAGPosterior
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
@@ -27,6 +32,32 @@ QUIET = {
     "enable_model_summary": False,
     "enable_checkpointing": False,
 }
+
+
+def random_walk_posterior(
+    net: nn.Module, snapshots: int = 6, max_rank: int = 4, seed: int = 0, step: float = 0.2
+) -> SWAGPosterior:
+    """A posterior of ``snapshots`` points of a seeded random walk from ``net``'s weights."""
+    post = SWAGPosterior.from_model(net, max_rank=max_rank)
+    g = torch.Generator().manual_seed(seed)
+    walker = copy.deepcopy(net)
+    for _ in range(snapshots):
+        with torch.no_grad():
+            for p in walker.parameters():
+                p.add_(step * torch.randn(p.shape, generator=g))
+        post.collect(walker)
+    return post
+
+
+_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK")
+
+
+def run_two_process_script(args: list[str], what: str, timeout: int) -> None:
+    """Run a test script that starts its own processes, inheriting no distributed settings from pytest's."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
 class TinyRegressor(L.LightningModule):

@@ -10,9 +10,6 @@ the training process after ``fit`` (unlike ``ddp_spawn``, which sends only rank 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,30 +18,20 @@ import ddp_train_script as script
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET, TinyRegressor
+from conftest import QUIET, TinyRegressor, run_two_process_script
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
-_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK")
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     """Run the 2-process DDP script once; its per-rank files are shared by the tests below."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_two_process_script([str(SCRIPT), str(out)], "DDP run", timeout=240)
     return out
 
 
@@ -216,16 +203,9 @@ def test_ddp_predictions_of_the_mnist_datamodule_merge_to_each_test_row_once(mni
     torch.save({"model": model.state_dict(), "posterior": posterior.state_dict()}, saved)
 
     out = tmp_path / "predictions"
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(MNIST_SCRIPT), str(mnist_root), str(saved), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
+    run_two_process_script(
+        [str(MNIST_SCRIPT), str(mnist_root), str(saved), str(out)], "DDP predict", timeout=240
     )
-    assert proc.returncode == 0, f"DDP predict failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     files = sorted(out.glob("predictions_rank*.pt"))
     assert [f.name for f in files] == ["predictions_rank0.pt", "predictions_rank1.pt"]
     merged = merge_predictions(files)

@@ -8,24 +8,14 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET
+from conftest import QUIET, random_walk_posterior
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swag import SWAGModule, SWAGPosterior
 from lightning_swag.posterior import derive_seed
 
-
-def _posterior_for(net: nn.Module, snapshots: int = 6, max_rank: int = 4, seed: int = 0) -> SWAGPosterior:
-    post = SWAGPosterior.from_model(net, max_rank=max_rank)
-    g = torch.Generator().manual_seed(seed)
-    walker = copy.deepcopy(net)
-    for _ in range(snapshots):
-        with torch.no_grad():
-            for p in walker.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-        post.collect(walker)
-    return post
+_posterior_for = random_walk_posterior  # step 0.2
 
 
 def _classifier() -> nn.Module:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sharded_script as script
 import torch
+from conftest import run_two_process_script
 
 from lightning_swag import SWAGModule, SWAGPosterior
 from lightning_swag.checkpoint import (
@@ -32,7 +31,6 @@ from lightning_swag.checkpoint import (
 from lightning_swag.sharding import ShardLayout, chunk_rows
 
 SCRIPT = Path(__file__).with_name("sharded_script.py")
-_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK")
 SHAPES = {"a.weight": (3, 4), "a.bias": (3,), "b.weight": (5, 3), "b.bias": (5,), "c.weight": (1, 5)}
 
 
@@ -219,12 +217,7 @@ def test_sharded_statistics_entries_rebuild_the_whole_posterior() -> None:
 def sharded_run(tmp_path_factory) -> Path:
     """Run the 2-process script once (DDP, then FSDP2); its files are shared by the tests below."""
     out = tmp_path_factory.mktemp("sharded")
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=420
-    )
-    assert proc.returncode == 0, f"sharded run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_two_process_script([str(SCRIPT), str(out)], "sharded run", timeout=420)
     return out
 
 

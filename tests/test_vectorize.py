@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
+from conftest import random_walk_posterior
 from torch import nn
 
 import lightning_swag.module as module_lib
@@ -15,15 +15,7 @@ from lightning_swag import SWAGModule, SWAGPosterior
 
 
 def _posterior(net: nn.Module, snapshots: int = 6) -> SWAGPosterior:
-    post = SWAGPosterior.from_model(net, max_rank=4)
-    g = torch.Generator().manual_seed(0)
-    walker = copy.deepcopy(net)
-    for _ in range(snapshots):
-        with torch.no_grad():
-            for p in walker.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        post.collect(walker)
-    return post
+    return random_walk_posterior(net, snapshots, step=0.05)
 
 
 def _architectures() -> dict[str, tuple[nn.Module, torch.Tensor]]:
