@@ -11,7 +11,8 @@ imports it.
 from lightning_swag import metrics, summaries
 from lightning_swag.batchnorm import refresh_batchnorm, refresh_batchnorm_batched
 from lightning_swag.callback import SWAGCallback
-from lightning_swag.module import SWAGModule, infer_task
+from lightning_swag.likelihoods import infer_task
+from lightning_swag.module import SWAGModule
 from lightning_swag.posterior import SWAGPosterior
 from lightning_swag.writer import SWAGPredictionWriter, load_predictions, merge_predictions
 

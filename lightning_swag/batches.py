@@ -1,19 +1,27 @@
-"""The batch layout: how the model input and the targets are found in a batch.
+"""The batch layout: where the model input and the targets are in a batch, and how the input is passed.
 
 Every part of lightning-swag that reads batches (BMA prediction, ``trainer.test`` metrics,
 ``tune_scale``/``fit_noise``, the BatchNorm refresh and the prediction writer) goes through
-:meth:`SWAGModule.batch_inputs` and :meth:`SWAGModule.batch_targets`, whose defaults are the two
-functions below. For other layouts (dicts, dataclasses, ...) override those two methods in a
-subclass of :class:`~lightning_swag.SWAGModule`; nothing else needs to change.
+:meth:`SWAGModule.batch_inputs` and :meth:`SWAGModule.batch_targets`, whose defaults are
+:func:`default_batch_inputs` and :func:`default_batch_targets`. For other layouts override those two
+methods in a subclass of :class:`~lightning_swag.SWAGModule`; nothing else needs to change.
+
+What ``batch_inputs`` returns is passed to the model by :func:`call_model`: a ``Mapping`` as keyword
+arguments (``model(**inputs)``, the Hugging Face convention), a ``tuple`` as positional arguments
+(``model(*inputs)``), anything else as the one argument (``model(inputs)``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
-__all__ = ["default_batch_inputs", "default_batch_targets"]
+__all__ = ["CallArguments", "call_model", "default_batch_inputs", "default_batch_targets", "single_tensor"]
+
+LABELS_KEY = "labels"
+"""The targets of a ``Mapping`` batch (Hugging Face's name); the other entries are the model input."""
 
 _OVERRIDE_HINT = (
     "For other batch layouts, subclass SWAGModule and override batch_inputs(batch) and "
@@ -22,24 +30,54 @@ _OVERRIDE_HINT = (
 )
 
 
+class CallArguments(NamedTuple):
+    """Positional and keyword arguments of one call, passed as they are (e.g. a submodule's captured call)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
 def default_batch_inputs(batch: Any) -> Any:
-    """The model input: the batch itself when it is a tensor, else the first element of a tuple/list."""
+    """The model input: a tensor batch itself; a ``Mapping`` (a dict, Hugging Face's ``BatchEncoding``)
+    without its ``"labels"``; else the first element of a tuple/list."""
     if isinstance(batch, Tensor):
         return batch
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k != LABELS_KEY}
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     raise TypeError(
         f"Cannot find the model input in a batch of type {type(batch).__name__}: the default layout is a "
-        f"tensor or a tuple/list whose first element is the input. {_OVERRIDE_HINT}"
+        f"tensor, a mapping (the model input without 'labels') or a tuple/list whose first element is the "
+        f"input. {_OVERRIDE_HINT}"
     )
 
 
 def default_batch_targets(batch: Any) -> Any:
-    """The targets: the second element of a tuple/list batch ``(inputs, targets, ...)``."""
+    """The targets: ``batch["labels"]`` of a mapping, or the second element of a tuple/list batch."""
+    if isinstance(batch, Mapping) and LABELS_KEY in batch:
+        return batch[LABELS_KEY]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
     raise TypeError(
         f"This step needs labelled batches, but got a {type(batch).__name__}"
-        f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}: the default layout "
-        f"is a tuple/list (inputs, targets, ...). {_OVERRIDE_HINT}"
+        f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
+        f"{' without a labels entry' if isinstance(batch, Mapping) else ''}: the default layout is a "
+        f"tuple/list (inputs, targets, ...) or a mapping with 'labels'. {_OVERRIDE_HINT}"
     )
+
+
+def call_model(fn: Callable[..., Any], inputs: Any) -> Any:
+    """``fn`` called with ``inputs`` by the convention of the module docstring."""
+    if isinstance(inputs, CallArguments):
+        return fn(*inputs.args, **inputs.kwargs)
+    if isinstance(inputs, Mapping):
+        return fn(**inputs)
+    if isinstance(inputs, tuple):
+        return fn(*inputs)
+    return fn(inputs)
+
+
+def single_tensor(inputs: Any) -> Tensor | None:
+    """The input tensor when ``inputs`` is one tensor (the model's only argument), else ``None``."""
+    return inputs if isinstance(inputs, Tensor) else None

@@ -34,10 +34,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_swag.batches import default_batch_inputs
+from lightning_swag.batches import call_model, default_batch_inputs
+from lightning_swag.validation import check_batch_count
 from lightning_swag.vectorize import SampleMap, Vectorize, choose_vectorization
 
 __all__ = [
+    "BatchNormRefresh",
     "batches_to_use",
     "batchnorm_buffer_names",
     "has_batchnorm",
@@ -75,16 +77,9 @@ def batchnorm_buffer_names(model: nn.Module) -> list[str]:
 
 def batches_to_use(loader: Iterable, num_batches: int | float | None) -> int | None:
     """How many batches to use: all (``None``), a count (``int >= 1``) or a fraction of ``len(loader)``."""
-    if num_batches is None:
-        return None
-    if isinstance(num_batches, bool) or not isinstance(num_batches, (int, float)):
-        raise ValueError(f"num_batches must be an int >= 1, a float in (0, 1] or None, got {num_batches!r}.")
-    if isinstance(num_batches, int):
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+    check_batch_count("num_batches", num_batches)
+    if num_batches is None or isinstance(num_batches, int):
         return num_batches
-    if not 0.0 < num_batches <= 1.0:
-        raise ValueError(f"A fractional num_batches must be in (0, 1], got {num_batches}.")
     try:
         total = len(loader)  # type: ignore[arg-type]
     except TypeError as err:
@@ -201,7 +196,7 @@ def refresh_batchnorm(
     state = {**others, **parameters, **fresh}
 
     def pass_batch(inputs: Any) -> None:
-        functional_call(model, state, (inputs,))
+        call_model(lambda *args, **kwargs: functional_call(model, state, args, kwargs), inputs)
 
     _run_passes(model, loader, num_batches, device, batch_inputs, pass_batch)
     return fresh
@@ -245,11 +240,96 @@ def refresh_batchnorm_batched(
     others = {n: b.clone() for n, b in model.named_buffers() if n not in fresh}
     mapper = SampleMap(choose_vectorization(vectorize, device), "refresh_batchnorm_batched")
 
-    def run_one(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Any) -> Tensor:
-        return functional_call(model, {**others, **params, **buffers}, (inputs,))
+    def run_one(params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Any) -> Any:
+        state = {**others, **params, **buffers}
+        return call_model(lambda *args, **kwargs: functional_call(model, state, args, kwargs), inputs)
 
     def pass_batch(inputs: Any) -> None:
         mapper(run_one, parameters, fresh, inputs, restore=fresh, model_name=type(model).__name__)
 
     _run_passes(model, loader, num_batches, device, batch_inputs, pass_batch)
     return fresh
+
+
+class BatchNormRefresh:
+    """BatchNorm statistics recomputed for every chunk of weight samples of a run, kept for the run.
+
+    ``SWAGModule(bn_loader=...)`` uses one: each chunk of samples gets its buffers from one pass over
+    (part of) the training data, as :func:`refresh_batchnorm_batched`. With a split model (a subset
+    posterior, see :mod:`lightning_swag.split`) only the submodule runs under the samples: the rest
+    computes its inputs once per batch, in train mode as ``update_bn`` runs the whole model.
+
+    Args:
+        loader: the training batches.
+        num_batches: a count or fraction of ``loader`` to use (``None``: all).
+        batch_inputs: extracts the model input from a batch.
+        progress: wraps an iterable of batches in a progress bar (or returns it).
+    """
+
+    def __init__(
+        self,
+        loader: Iterable,
+        num_batches: int | float | None,
+        batch_inputs: BatchInputs,
+        progress: Callable[[Iterable, int | None, str], Iterable] | None = None,
+    ) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        self.batch_inputs = batch_inputs
+        self.progress = progress
+        self._cache: dict[Any, dict[str, Tensor]] = {}
+
+    def buffers(
+        self, model: nn.Module, chunk: Mapping[str, Tensor], key: Any, vectorize: Vectorize, split: Any = None
+    ) -> dict[str, Tensor]:
+        """The refreshed buffers ``{model name: [n, ...]}`` of ``chunk`` (cached under ``key``)."""
+        if key in self._cache:
+            return self._cache[key]
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        limit = batches_to_use(self.loader, self.num_batches)
+        if limit is not None:
+            total = limit if total is None else min(total, limit)
+        batches: Iterable = self.loader
+        if self.progress is not None:
+            batches = self.progress(batches, total, "SWAG: BatchNorm refresh")
+        if split is None:
+            result = refresh_batchnorm_batched(
+                model, chunk, batches, self.num_batches, batch_inputs=self.batch_inputs, vectorize=vectorize
+            )
+        else:
+            captured = _captured_inputs(model, split, batches, self.batch_inputs, limit)
+            inner = refresh_batchnorm_batched(
+                split.submodule,
+                split.relative(chunk),
+                captured,
+                None,
+                batch_inputs=_same,
+                vectorize=vectorize,
+            )
+            result = {f"{split.prefix}.{name}": value for name, value in inner.items()}
+        self._cache[key] = result
+        return result
+
+    def clear(self) -> None:
+        self._cache = {}
+
+
+def _same(batch: Any) -> Any:
+    return batch
+
+
+def _captured_inputs(
+    model: nn.Module, split: Any, batches: Iterable, batch_inputs: BatchInputs, limit: int | None
+):
+    """The split submodule's call arguments for each batch, computed with the model in train mode."""
+    device = next(iter(model.parameters())).device
+    modes = [(module, module.training) for module in model.modules()]
+    chosen = itertools.islice(batches, limit) if limit is not None else batches
+    try:
+        for batch in chosen:
+            model.train()
+            with torch.no_grad():
+                yield split.capture(move_data_to_device(batch_inputs(batch), device))
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -3,39 +3,33 @@ in checkpoints. The statistics themselves live in :class:`~lightning_swag.poster
 
 from __future__ import annotations
 
-import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.types import LRSchedulerConfig
-from torch import nn
-from torch.optim.swa_utils import SWALR
 from typing_extensions import override
 
 from lightning_swag.checkpoint import (
     CALLBACK_POSTERIOR_KEY,
-    SHARDED_STATISTICS_KEY,
+    SHARDED_DESCRIPTION_KEY,
+    callback_state,
+    read_callback_state,
     sharded_statistics_prefix,
-    unreadable_file_error,
 )
-from lightning_swag.posterior import SWAGPosterior, select_parameters
+from lightning_swag.checkpoint_io import readable_checkpoint_errors, restore_checkpoint_io
+from lightning_swag.parameters import check_include, select_parameters
+from lightning_swag.posterior import SWAGPosterior
 from lightning_swag.sharding import is_dtensor, reshard_fsdp
+from lightning_swag.swa_lr import SWALRSchedule
+from lightning_swag.validation import check_choice, check_int, check_positive, parse_dtype
 
-__all__ = ["SWAGCallback", "readable_checkpoint_errors", "restore_checkpoint_io"]
+__all__ = ["SWAGCallback"]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
@@ -62,56 +56,6 @@ def _spawns_workers(strategy: Strategy) -> bool:
     return any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__)
 
 
-class _ReadableErrorsCheckpointIO(CheckpointIO):
-    """Delegates to the strategy's checkpoint IO; a checkpoint that cannot be loaded raises a
-    ``ValueError`` naming the file instead of a bare ``EOFError``/``RuntimeError`` from torch."""
-
-    def __init__(self, inner: CheckpointIO) -> None:
-        self.inner = inner
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        try:
-            return self.inner.load_checkpoint(path, *args, **kwargs)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # noqa: BLE001 - torch raises many types for damaged files
-            if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
-                raise unreadable_file_error(path, "checkpoint", err) from err
-            raise
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-def readable_checkpoint_errors(strategy: Strategy) -> None:
-    """Make ``strategy`` report damaged checkpoint files (empty, truncated, garbage) with an error that
-    names the file. Called from ``setup`` by ``SWAGCallback`` and ``SWAGModule``, i.e. before Lightning
-    reads ``ckpt_path``; :func:`restore_checkpoint_io` undoes it once the checkpoint is read."""
-    current = strategy.checkpoint_io
-    if not isinstance(current, _ReadableErrorsCheckpointIO):
-        strategy.checkpoint_io = _ReadableErrorsCheckpointIO(current)
-
-
-def restore_checkpoint_io(strategy: Strategy) -> None:
-    """Put back the checkpoint IO that :func:`readable_checkpoint_errors` wrapped."""
-    current = strategy.checkpoint_io
-    if isinstance(current, _ReadableErrorsCheckpointIO):
-        strategy.checkpoint_io = current.inner
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"SWAGCallback: {name} must be an int >= {minimum}, got {value!r}.")
-
-
 class SWAGCallback(Callback):
     """Collect a SWAG posterior over the weights of any LightningModule during ``trainer.fit``.
 
@@ -132,12 +76,18 @@ class SWAGCallback(Callback):
     checkpoint (``ckpt_path``), whose posterior it continues. Calling ``fit`` again on the same
     Trainer continues the same posterior.
 
-    Steps are Lightning's ``global_step``: with several optimizers (manual optimization) every
-    ``optimizer.step()`` counts. Under DDP every process holds identical weights, hence collects an
-    identical posterior. Weights that became NaN or infinite (diverged training) raise a
+    Steps are Lightning's ``global_step``: every ``optimizer.step()`` counts, also several in one
+    batch (manual optimization with several optimizers); a snapshot due at a step holds the weights
+    right after it. Under DDP every process holds identical weights, hence collects an identical
+    posterior. Weights that became NaN or infinite (diverged training) raise a
     ``FloatingPointError`` naming the parameters, epoch and step; that snapshot is not added and the
-    posterior keeps the earlier ones. Parameters that are not initialized when training starts
-    (``nn.LazyLinear``) are tracked from the first snapshot on.
+    posterior keeps the earlier ones.
+
+    Which parameters are tracked is decided at the first snapshot: those with
+    ``requires_grad=True`` then (or those of them ``include`` selects). So with progressive
+    unfreezing (``BackboneFinetuning``) a backbone unfrozen before ``start_epoch`` is tracked, and a
+    parameter that becomes trainable after the first snapshot is not (it cannot join statistics that
+    hold more snapshots than it has): a warning names it.
 
     Sharded statistics: with ``shard=True`` under DDP every process keeps the statistics of a
     ``1/world_size`` slice of the weights only (collection needs no communication). Under
@@ -162,12 +112,16 @@ class SWAGCallback(Callback):
         device: where statistics live, e.g. ``"cpu"`` to keep them off the GPU (default: the
             model's device).
         include: parameter names or shell patterns to track (e.g. ``["head.*"]`` for last-layer
-            SWAG); default every parameter with ``requires_grad=True``.
+            SWAG; a tied weight matches through any of its names), or a preset: ``"trainable"``
+            (the default, every parameter with ``requires_grad=True``) or ``"lora"`` (peft adapters
+            and ``modules_to_save``; see :data:`~lightning_swag.parameters.INCLUDE_PRESETS`).
         moment_dtype: dtype of the mean and the sum of squared deviations (Welford updates keep
             float32 accurate; float64 is the default).
         deviation_dtype: dtype of the deviation buffer.
         swa_lr: if set, switch every optimizer to this learning rate from ``start_epoch`` on
-            (torch's ``SWALR``), replacing the user's LR scheduler for the collection phase.
+            (torch's ``SWALR``, stepped by the callback at every epoch end, also under manual
+            optimization), replacing the user's LR scheduler for the collection phase (see
+            :mod:`lightning_swag.swa_lr`).
         annealing_epochs: epochs to anneal from the current LR to ``swa_lr`` (0: switch at once).
         annealing_strategy: ``"cos"`` or ``"linear"`` annealing.
         shard: under DDP with several processes, keep the statistics of a ``1/world_size`` slice of
@@ -195,7 +149,7 @@ class SWAGCallback(Callback):
         every_n_steps: int | None = None,
         max_rank: int = 20,
         device: str | None = None,
-        include: list[str] | None = None,
+        include: Sequence[str] | str | None = None,
         moment_dtype: Literal["float64", "float32"] = "float64",
         deviation_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32",
         swa_lr: float | None = None,
@@ -204,33 +158,22 @@ class SWAGCallback(Callback):
         shard: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(shard, bool):
-            raise ValueError(f"SWAGCallback: shard must be True or False, got {shard!r}.")
-        _check_int("start_epoch", start_epoch, 0)
-        _check_int("every_n_epochs", every_n_epochs, 1, allow_none=True)
-        _check_int("every_n_steps", every_n_steps, 1, allow_none=True)
-        _check_int("max_rank", max_rank, 0)
-        _check_int("annealing_epochs", annealing_epochs, 0)
+        owner = "SWAGCallback"
+        check_choice("shard", shard, (True, False), owner)
+        for name, value, minimum in (("start_epoch", start_epoch, 0), ("max_rank", max_rank, 0)):
+            check_int(name, value, minimum, owner=owner)
+        check_int("every_n_epochs", every_n_epochs, 1, allow_none=True, owner=owner)
+        check_int("every_n_steps", every_n_steps, 1, allow_none=True, owner=owner)
+        check_int("annealing_epochs", annealing_epochs, 0, owner=owner)
         if every_n_epochs is not None and every_n_steps is not None:
             raise ValueError(
                 "SWAGCallback: every_n_epochs and every_n_steps are mutually exclusive; set only one."
             )
-        if moment_dtype not in ("float64", "float32"):
-            raise ValueError(
-                f"SWAGCallback: moment_dtype must be 'float64' or 'float32', got {moment_dtype!r}."
-            )
-        if deviation_dtype not in _DTYPES:
-            raise ValueError(
-                f"SWAGCallback: deviation_dtype must be one of {list(_DTYPES)}, got {deviation_dtype!r}."
-            )
-        if swa_lr is not None and not (isinstance(swa_lr, (int, float)) and swa_lr > 0):
-            raise ValueError(f"SWAGCallback: swa_lr must be a number > 0 or None, got {swa_lr!r}.")
-        if annealing_strategy not in ("cos", "linear"):
-            raise ValueError(
-                f"SWAGCallback: annealing_strategy must be 'cos' or 'linear', got {annealing_strategy!r}."
-            )
-        if include is not None and (isinstance(include, str) or not include):
-            raise ValueError("SWAGCallback: include must be a non-empty list of names/patterns, or None.")
+        self._moment_dtype = parse_dtype("moment_dtype", moment_dtype, ("float64", "float32"), owner)
+        self._deviation_dtype = parse_dtype("deviation_dtype", deviation_dtype, owner=owner)
+        check_positive("swa_lr", swa_lr, allow_none=True, owner=owner)
+        check_choice("annealing_strategy", annealing_strategy, ("cos", "linear"), owner)
+        check_include(include)
         if device is not None:
             torch.device(device)  # raises a clear RuntimeError for a malformed device string
         self.start_epoch = start_epoch
@@ -238,13 +181,16 @@ class SWAGCallback(Callback):
         self.every_n_epochs = None if every_n_steps is not None else (every_n_epochs or 1)
         self.max_rank = max_rank
         self.device = device
-        self.include = list(include) if include is not None else None
+        self.include = include if include is None or isinstance(include, str) else list(include)
         self.moment_dtype = moment_dtype
         self.deviation_dtype = deviation_dtype
         self.swa_lr = swa_lr
         self.annealing_epochs = annealing_epochs
         self.annealing_strategy = annealing_strategy
         self.shard = shard
+        self._swa_lr = (
+            SWALRSchedule(swa_lr, annealing_epochs, annealing_strategy) if swa_lr is not None else None
+        )
         self._posterior: SWAGPosterior | None = None
         # a whole posterior read from a checkpoint, kept until the model is there to shard it
         self._pending_state: dict[str, Any] | None = None
@@ -256,10 +202,16 @@ class SWAGCallback(Callback):
         self._current_epoch = 0
         self._last_epoch = -1  # epoch of the last epoch-end decision
         self._last_step = 0  # global_step of the last step decision
-        self._snapshot_step = -1  # global_step of the last step snapshot
-        self._swa_lr_installed = False
-        self._swa_schedulers: list[SWALR] = []
-        self._saved_swa_scheduler_states: list[dict[str, Any]] = []
+        self._snapshot_step = -1  # global_step of the last snapshot
+        self._warned_untracked: set[str] = set()
+        if self._swa_lr is not None:
+            self._swa_lr.reset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``ddp_spawn`` pickles the callbacks): the weak reference to the Trainer is dropped."""
+        state = self.__dict__.copy()
+        state["_trainer_ref"] = None
+        return state
 
     # ------------------------------------------------------------------ public API
     @property
@@ -274,6 +226,11 @@ class SWAGCallback(Callback):
                 "a checkpoint, or train with strategy='ddp'."
             )
         return self._posterior
+
+    @property
+    def num_snapshots(self) -> int:
+        """Snapshots collected so far (0 before the first one, when there is no posterior yet)."""
+        return self._posterior.num_snapshots if self._posterior is not None else 0
 
     @property
     @override
@@ -304,20 +261,7 @@ class SWAGCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        sharded = _sharded_base(trainer.strategy)
-        if sharded is not None:
-            name = type(trainer.strategy).__name__
-            kind = name if name == sharded else f"{name} (a {sharded})"
-            raise RuntimeError(
-                f"SWAGCallback does not support the sharded strategy {kind}: each process holds only a shard "
-                "of the weights, so the posterior would be silently wrong. Use ModelParallelStrategy with "
-                "torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, or strategy='ddp' with "
-                "SWAGCallback(shard=True) to shard the statistics."
-            )
-        if self.shard and not _is_model_parallel(trainer.strategy) and trainer.world_size == 1:
-            rank_zero_info(
-                "SWAGCallback(shard=True): a single process has nothing to shard with; it keeps all."
-            )
+        _check_strategy(trainer, self.shard)
         previous = self._trainer_ref() if self._trainer_ref is not None else None
         if previous is not trainer:
             # A new Trainer is a new run: a fresh posterior (a checkpoint restored after this hook
@@ -327,14 +271,7 @@ class SWAGCallback(Callback):
             self._reset_run_state()
             self._trainer_ref = _reference(trainer)
         readable_checkpoint_errors(trainer.strategy)
-        if _spawns_workers(trainer.strategy):
-            rank_zero_warn(
-                "SWAGCallback: this strategy trains in spawned/forked worker processes ('ddp_spawn', "
-                "'ddp_notebook', ...) and Lightning sends only the weights back, not callback state, so "
-                "`swag.posterior` will not be available in the launching process after fit. Keep it with "
-                "a ModelCheckpoint (SWAGModule restores it: trainer.predict(..., ckpt_path=...)) or use "
-                "strategy='ddp'."
-            )
+        _warn_about_weights_only_checkpoints(trainer)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -349,10 +286,11 @@ class SWAGCallback(Callback):
             self._posterior = SWAGPosterior.from_state_dict(
                 state, device=self._target_device(pl_module), model=pl_module, shard=self.shard
             )
+        swa_lr = self._swa_lr
+        if swa_lr is not None and not swa_lr.installed and trainer.current_epoch >= self.start_epoch:
+            swa_lr.install(trainer)  # a mid-epoch resume gets no on_train_epoch_start for its epoch
         if self._posterior is None:
-            if not _has_uninitialized(pl_module):
-                self._posterior = self._new_posterior(pl_module)
-            return  # lazy parameters: the posterior is built at the first snapshot
+            return  # built at the first snapshot, from the parameters trainable then
         self._posterior.check_compatible(pl_module)
         device = self._target_device(pl_module)
         if self._posterior.device != device:
@@ -361,24 +299,23 @@ class SWAGCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._current_epoch = trainer.current_epoch
-        if (
-            self.swa_lr is not None
-            and not self._swa_lr_installed
-            and trainer.current_epoch >= self.start_epoch
-        ):
-            self._install_swa_lr(trainer)
+        swa_lr = self._swa_lr
+        if swa_lr is not None and not swa_lr.installed and trainer.current_epoch >= self.start_epoch:
+            swa_lr.install(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Several optimizer steps in one batch (manual optimization): the weights now are those
+        # after the previous step, so a snapshot due at that step is taken here.
+        self._after_steps(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._current_epoch = trainer.current_epoch
-        step = trainer.global_step
-        if step != self._last_step:  # an optimizer step happened (not so while accumulating gradients)
-            self._last_step = step
-            if self.should_update(step_idx=step - 1):
-                self._snapshot(pl_module)
-                self._snapshot_step = step
+        self._after_steps(trainer, pl_module)
         if trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches:
             self._epoch_end(trainer, pl_module)
 
@@ -398,12 +335,11 @@ class SWAGCallback(Callback):
         if post is None or not post.is_sharded:
             return
         state = checkpoint["callbacks"][self.state_key]
-        assert post.layout is not None
         distributed = any(is_dtensor(value) for value in checkpoint.get("state_dict", {}).values())
-        if post.layout.kind == "fsdp2" and distributed:  # the same answer on every process
+        if post.layout.per_process_checkpoint and distributed:  # the same answer on every process
             prefix = sharded_statistics_prefix(self.state_key)
             checkpoint["state_dict"].update(post.sharded_state_dict(prefix))
-            state[SHARDED_STATISTICS_KEY] = post.sharded_description(prefix)
+            state[SHARDED_DESCRIPTION_KEY] = post.sharded_description(prefix)
         else:
             whole = post.gather(dst=0)
             if whole is not None:
@@ -416,11 +352,12 @@ class SWAGCallback(Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is None:
             rank_zero_warn(
-                "SWAGCallback: the checkpoint holds no SWAG state (it was saved without this callback); "
-                "collection starts from a fresh posterior."
+                "SWAGCallback: the checkpoint holds no SWAG state (it was saved without this callback, or "
+                "by a ModelCheckpoint(save_weights_only=True), which keeps no callback state); collection "
+                "starts from a fresh posterior."
             )
             return
-        description = state.get(SHARDED_STATISTICS_KEY)
+        description = read_callback_state(state).sharded
         if description is not None:  # each process reads its own part from the distributed checkpoint
             self._posterior = SWAGPosterior.from_distributed_checkpoint(
                 trainer.ckpt_path, description, pl_module, device=self._target_device(pl_module)
@@ -429,42 +366,65 @@ class SWAGCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         post = self._posterior
-        return {
+        return callback_state(
             # a sharded posterior is added (gathered, or as DTensors) by on_save_checkpoint
-            CALLBACK_POSTERIOR_KEY: post.state_dict() if post is not None and not post.is_sharded else None,
-            "last_epoch": self._last_epoch,
-            "last_step": self._last_step,
-            "swa_schedulers": [scheduler.state_dict() for scheduler in self._swa_schedulers],
-        }
+            posterior=post.state_dict() if post is not None and not post.is_sharded else None,
+            last_epoch=self._last_epoch,
+            last_step=self._last_step,
+            swa_schedulers=self._swa_lr.state_dict() if self._swa_lr is not None else [],
+            tracked=post.param_names if post is not None else None,
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        posterior_state = state_dict.get(CALLBACK_POSTERIOR_KEY)
-        description = state_dict.get(SHARDED_STATISTICS_KEY)
-        saved = posterior_state if posterior_state is not None else description
-        if saved is not None and saved["max_rank"] != self.max_rank:
+        saved = read_callback_state(state_dict)
+        whole = saved.posterior if saved.posterior is not None else saved.sharded
+        if whole is not None and whole["max_rank"] != self.max_rank:
             rank_zero_warn(
-                f"SWAGCallback: the checkpoint's posterior has max_rank={saved['max_rank']} but the "
+                f"SWAGCallback: the checkpoint's posterior has max_rank={whole['max_rank']} but the "
                 f"callback was built with max_rank={self.max_rank}; the checkpoint's value is kept."
             )
-        if description is not None:
+        if saved.sharded is not None:
             pass  # on_load_checkpoint read this process's part from the distributed checkpoint
-        elif posterior_state and self._shards_statistics():
-            self._posterior, self._pending_state = None, posterior_state  # sharded in on_train_start
+        elif saved.posterior and self._shards_statistics():
+            self._posterior, self._pending_state = None, saved.posterior  # sharded in on_train_start
         else:
-            self._posterior = SWAGPosterior.from_state_dict(posterior_state) if posterior_state else None
-        self._last_epoch = int(state_dict.get("last_epoch", -1))
-        self._last_step = int(state_dict.get("last_step", 0))
-        self._saved_swa_scheduler_states = list(state_dict.get("swa_schedulers", []))
+            self._posterior = (
+                SWAGPosterior.from_state_dict(saved.posterior, source="the checkpoint's SWAGCallback state")
+                if saved.posterior
+                else None
+            )
+        self._last_epoch = saved.last_epoch
+        self._last_step = saved.last_step
+        self._snapshot_step = -1
+        if self._swa_lr is not None:
+            self._swa_lr.load_state_dict(saved.swa_schedulers)
 
     # ------------------------------------------------------------------ internals
+    def _after_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Ask :meth:`should_update` about every optimizer step since the last call (one snapshot at
+        most: the weights are the same for all of them)."""
+        self._current_epoch = trainer.current_epoch
+        step = trainer.global_step
+        if step == self._last_step:  # no optimizer step (e.g. while accumulating gradients)
+            return
+        due = any(self.should_update(step_idx=index) for index in range(self._last_step, step))
+        self._last_step = step
+        if due:
+            self._snapshot(pl_module)
+            self._snapshot_step = step
+
     def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch == self._last_epoch:
             return
         self._last_epoch = epoch
+        self._after_steps(trainer, pl_module)
         if self.should_update(epoch_idx=epoch) and self._snapshot_step != trainer.global_step:
             self._snapshot(pl_module)
+            self._snapshot_step = trainer.global_step
+        if self._swa_lr is not None and self._swa_lr.installed:
+            self._swa_lr.step()
 
     def _target_device(self, pl_module: L.LightningModule) -> torch.device:
         return torch.device(self.device) if self.device is not None else pl_module.device
@@ -477,6 +437,7 @@ class SWAGCallback(Callback):
         return _is_model_parallel(trainer.strategy) or (self.shard and trainer.world_size > 1)
 
     def _new_posterior(self, pl_module: L.LightningModule) -> SWAGPosterior:
+        """The posterior of the parameters trainable now (or those ``include`` selects)."""
         if _is_model_parallel(pl_module.trainer.strategy):
             plain = [n for n, p in select_parameters(pl_module, self.include) if not is_dtensor(p)]
             if plain:
@@ -489,8 +450,8 @@ class SWAGCallback(Callback):
             pl_module,
             self.max_rank,
             include=self.include,
-            moment_dtype=_DTYPES[self.moment_dtype],
-            deviation_dtype=_DTYPES[self.deviation_dtype],
+            moment_dtype=self._moment_dtype,
+            deviation_dtype=self._deviation_dtype,
             device=self._target_device(pl_module),
             shard=self.shard,
         )
@@ -500,46 +461,38 @@ class SWAGCallback(Callback):
             reshard_fsdp(pl_module)  # after validation FSDP2's root group is unsharded (see sharding.py)
         if self._posterior is None:
             self._posterior = self._new_posterior(pl_module)
+        else:
+            self._warn_if_untracked_became_trainable(pl_module)
         try:
             self._posterior.collect(pl_module)
         except FloatingPointError as err:
             # Diverged training: fail loudly (later snapshots would be non-finite too). The
             # posterior keeps the snapshots collected so far; say where it happened.
             trainer = pl_module._trainer
-            where = (
-                f" at epoch {trainer.current_epoch}, global step {trainer.global_step}"
-                if trainer is not None
-                else ""
-            )
+            where = f" at epoch {trainer.current_epoch}, global step {trainer.global_step}" if trainer else ""
             raise FloatingPointError(f"SWAGCallback{where}: {err}") from err
 
-    def _install_swa_lr(self, trainer: L.Trainer) -> None:
-        """Replace the LR schedulers by SWALR; on resume, continue the saved annealing exactly."""
-        assert self.swa_lr is not None
-        saved = self._saved_swa_scheduler_states
-        resume = len(saved) == len(trainer.optimizers)
-        configs, self._swa_schedulers = [], []
-        for optimizer_index, optimizer in enumerate(trainer.optimizers):
-            restored_lrs = [group["lr"] for group in optimizer.param_groups]
-            scheduler = SWALR(
-                optimizer,
-                swa_lr=self.swa_lr,
-                anneal_epochs=self.annealing_epochs,
-                anneal_strategy=self.annealing_strategy,
-            )
-            if resume:
-                # SWALR's constructor took a step; undo it: the checkpoint's optimizer already holds
-                # the learning rates of the interrupted run.
-                scheduler.load_state_dict(saved[optimizer_index])
-                for group, lr in zip(optimizer.param_groups, restored_lrs, strict=True):
-                    group["lr"] = lr
-            self._swa_schedulers.append(scheduler)
-            configs.append(LRSchedulerConfig(scheduler, interval="epoch"))
-        self._saved_swa_scheduler_states = []
-        if trainer.lr_scheduler_configs:
-            rank_zero_info("SWAGCallback: the LR scheduler is replaced by SWALR for the collection phase.")
-        trainer.strategy.lr_scheduler_configs = configs
-        self._swa_lr_installed = True
+    def _warn_if_untracked_became_trainable(self, pl_module: L.LightningModule) -> None:
+        """A parameter unfrozen after the first snapshot (``BackboneFinetuning``) cannot join a
+        posterior whose other statistics hold more snapshots: say so, once per parameter."""
+        assert self._posterior is not None
+        try:
+            selected = select_parameters(pl_module, self.include)
+        except ValueError:
+            return
+        tracked = set(self._posterior.param_shapes)
+        new = [name for name, _ in selected if name not in tracked and name not in self._warned_untracked]
+        if not new:
+            return
+        self._warned_untracked.update(new)
+        shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        rank_zero_warn(
+            f"SWAGCallback: {len(new)} parameter(s) became trainable after the first snapshot ({shown}) and are "
+            "NOT in the posterior, which was built from the parameters trainable at its first snapshot: BMA "
+            "keeps them at their final values. Start collecting after the last unfreezing (start_epoch), or "
+            "name them in include=[...] and keep them trainable from the first snapshot on.",
+            category=UserWarning,
+        )
 
 
 def _reference(obj: Any) -> Callable[[], Any]:
@@ -550,6 +503,35 @@ def _reference(obj: Any) -> Callable[[], Any]:
         return lambda: obj
 
 
-def _has_uninitialized(module: nn.Module) -> bool:
-    """Whether a parameter is still uninitialized (a lazy module before its first forward pass)."""
-    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())
+def _check_strategy(trainer: L.Trainer, shard: bool) -> None:
+    """Refuse the sharded strategies whose posterior would be wrong; explain the others' limits."""
+    sharded = _sharded_base(trainer.strategy)
+    if sharded is not None:
+        name = type(trainer.strategy).__name__
+        kind = name if name == sharded else f"{name} (a {sharded})"
+        raise RuntimeError(
+            f"SWAGCallback does not support the sharded strategy {kind}: each process holds only a shard "
+            "of the weights, so the posterior would be silently wrong. Use ModelParallelStrategy with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, or strategy='ddp' with "
+            "SWAGCallback(shard=True) to shard the statistics."
+        )
+    if shard and not _is_model_parallel(trainer.strategy) and trainer.world_size == 1:
+        rank_zero_info("SWAGCallback(shard=True): a single process has nothing to shard with; it keeps all.")
+    if _spawns_workers(trainer.strategy):
+        rank_zero_warn(
+            "SWAGCallback: this strategy trains in spawned/forked worker processes ('ddp_spawn', "
+            "'ddp_notebook', ...) and Lightning sends only the weights back, not callback state, so "
+            "`swag.posterior` will not be available in the launching process after fit. Keep it with "
+            "a ModelCheckpoint (SWAGModule restores it: trainer.predict(..., ckpt_path=...)) or use "
+            "strategy='ddp'."
+        )
+
+
+def _warn_about_weights_only_checkpoints(trainer: L.Trainer) -> None:
+    if any(getattr(cb, "save_weights_only", False) for cb in trainer.checkpoint_callbacks):
+        rank_zero_warn(
+            "SWAGCallback: a ModelCheckpoint(save_weights_only=True) keeps no callback state, so its "
+            "checkpoints hold no SWAG posterior (SWAGModule cannot restore one from them, and a resume starts "
+            "a fresh posterior). Use save_weights_only=False, or save the posterior with "
+            "swag.posterior.save(path)."
+        )

@@ -27,8 +27,10 @@ from typing_extensions import override
 # Imported so that jsonargparse resolves the short name ``--trainer.callbacks+=SWAGCallback``. Models
 # and DataModules are named by class path (``--model lightning_swag.experiments.models.SineRegressor``).
 from lightning_swag.callback import SWAGCallback  # noqa: F401
-from lightning_swag.checkpoint import load_file, posterior_states
-from lightning_swag.module import SWAGModule, infer_task
+from lightning_swag.checkpoint import posterior_states
+from lightning_swag.files import load_file
+from lightning_swag.likelihoods import infer_task
+from lightning_swag.module import SWAGModule
 from lightning_swag.writer import SWAGPredictionWriter
 
 __all__ = ["SWAGLightningCLI", "cli_main", "infer_task", "main"]

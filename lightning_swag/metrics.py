@@ -311,6 +311,89 @@ class UncertaintyMetrics(Metric):
         }
 
 
+class BernoulliUncertaintyMetrics(Metric):
+    """Accumulates the metrics of independent binary decisions over batches (``task="binary"`` and
+    ``task="multilabel"``): probabilities of the positive outcome and 0/1 targets of the same shape,
+    every element one decision (multi-label metrics are pooled over labels, torchmetrics' ``"micro"``).
+
+    ``compute()`` returns ``accuracy`` (threshold 0.5, as torchmetrics' ``binary_accuracy``),
+    ``nll`` (mean Bernoulli negative log-likelihood, probabilities clamped at ``EPS``), ``brier``
+    (mean ``(p − y)²``), ``ece`` (torchmetrics' ``binary_calibration_error`` binning: ``n_bins``
+    equal-width bins of ``p``, L1 gap between the mean ``p`` and the fraction of positives) and
+    ``entropy`` (mean Bernoulli entropy). Running sums only; states sum across processes.
+
+    Args:
+        n_bins: calibration bins of the ECE.
+        validate_args: check that targets are 0/1 and probabilities in [0, 1] at each ``update``.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    correct: Tensor
+    nll_sum: Tensor
+    brier_sum: Tensor
+    entropy_sum: Tensor
+    count: Tensor
+    bin_count: Tensor
+    bin_confidence_sum: Tensor
+    bin_positive_sum: Tensor
+
+    def __init__(self, n_bins: int = 15, validate_args: bool = True) -> None:
+        super().__init__()
+        if n_bins < 1:
+            raise ValueError(f"n_bins must be >= 1, got {n_bins}.")
+        self.n_bins = n_bins
+        self.validate_args = validate_args
+        for name in ("correct", "count"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        for name in ("nll_sum", "brier_sum", "entropy_sum"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bin_count", default=torch.zeros(n_bins + 1, dtype=torch.int64), dist_reduce_fx="sum")
+        for name in ("bin_confidence_sum", "bin_positive_sum"):
+            self.add_state(name, default=torch.zeros(n_bins + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: Tensor, targets: Tensor) -> None:
+        """Add probabilities and 0/1 targets of the same number of elements (flattened)."""
+        p = probs.reshape(-1).double()
+        y = targets.reshape(-1).to(p.device)
+        if p.numel() != y.numel():
+            raise ValueError(
+                f"targets must hold one 0/1 value per probability: probs {tuple(probs.shape)}, targets "
+                f"{tuple(targets.shape)}."
+            )
+        if self.validate_args and p.numel():
+            if bool(((y != 0) & (y != 1)).any()):
+                raise ValueError("Binary / multi-label targets must be 0 or 1.")
+            if bool((p < 0).any() | (p > 1).any()):
+                raise ValueError("probs must lie in [0, 1] (probabilities, not logits).")
+        y = y.double()
+        self.correct += ((p >= 0.5).double() == y).sum()
+        self.nll_sum += -(y * p.clamp_min(EPS).log() + (1 - y) * (1 - p).clamp_min(EPS).log()).sum()
+        self.brier_sum += (p - y).square().sum()
+        self.entropy_sum += -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)).sum()
+        self.count += p.numel()
+        boundaries = torch.linspace(0, 1, self.n_bins + 1, dtype=p.dtype, device=p.device)
+        bins = torch.bucketize(p, boundaries, right=True) - 1
+        self.bin_count.index_add_(0, bins, torch.ones_like(bins))
+        self.bin_confidence_sum.index_add_(0, bins, p)
+        self.bin_positive_sum.index_add_(0, bins, y)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``accuracy``, ``nll``, ``brier``, ``ece``, ``entropy``: 0-d tensors."""
+        if self.count == 0:
+            raise ValueError("BernoulliUncertaintyMetrics.compute() called before any update().")
+        total = self.count.double()
+        return {
+            "accuracy": (self.correct / total).float(),
+            "nll": (self.nll_sum / total).float(),
+            "brier": (self.brier_sum / total).float(),
+            "ece": ((self.bin_positive_sum - self.bin_confidence_sum).abs().sum() / total).float(),
+            "entropy": (self.entropy_sum / total).float(),
+        }
+
+
 # ==================================================================================== regression
 # Every regression metric below scores the predictive distribution of Bayesian model averaging
 # with a Gaussian noise model: the equal-weight mixture (1/S) Σ_s N(means[s], variances[s]) over S

@@ -1,24 +1,22 @@
-"""Sharded SWAG statistics: which part of the flat weight vector a process keeps, and the collectives
-that join the parts. Plain torch (``torch.distributed``); nothing here imports Lightning.
+"""The sharding layout: which part of the flat weight vector a process keeps, and how the parts join.
 
-A posterior's statistics are kept for the flat vector of its tracked parameters, concatenated in
-parameter order (the *global* vector of ``P`` weights). A sharded posterior keeps, on every
-process, only a *local* vector: the concatenation of some pieces of the global one. A
-:class:`ShardLayout` lists them:
+A posterior keeps its statistics for the flat vector of its tracked parameters, concatenated in
+parameter order (the *global* vector of ``P`` weights). On each process it keeps a *local* vector:
+the concatenation of some pieces of the global one. A :class:`Layout` lists the pieces and knows
+everything that differs between the ways of cutting, so the posterior, the checkpoint code and the
+prediction code never ask which kind they hold:
 
-* ``"ddp"`` (``SWAGCallback(shard=True)`` under DDP, where every process holds the whole model):
-  process ``r`` of ``W`` keeps the contiguous slice ``[r·c, min(P, (r+1)·c))`` with ``c = ⌈P/W⌉``
-  (``torch.chunk`` semantics on the flat vector), which may cut parameters;
-* ``"fsdp2"`` (``torch.distributed.fsdp.fully_shard`` on a 1-D mesh, placement ``Shard(0)``): every
-  process keeps its own rows of every parameter (``param.to_local()``, ``torch.chunk`` semantics on
-  dim 0, so shards may be uneven or empty).
+* :class:`WholeLayout`: the whole vector (one process, or DDP without ``shard``): the identity;
+* :class:`DDPSliceLayout` (``SWAGCallback(shard=True)`` under DDP, every process holding the whole
+  model): process ``r`` of ``W`` keeps the slice ``[r·c, min(P, (r+1)·c))`` with ``c = ⌈P/W⌉``
+  (``torch.chunk`` semantics), which may cut parameters; samples are joined across processes;
+* :class:`FSDP2Layout` (``torch.distributed.fsdp.fully_shard`` on a 1-D mesh, ``Shard(0)``): every
+  process keeps its own rows of every parameter (``param.to_local()``); samples stay local and are
+  copied into the model's shards for the forward pass.
 
-Everything elementwise (Welford moments, deviation columns, the diagonal noise of a column) works
-on the local vector unchanged. Joining the parts (one file, checkpoints, DDP prediction) goes through
-:func:`gather_columns` and :func:`all_gather_columns`, one code path for both layouts. For FSDP2
-distributed checkpoints, :func:`dtensor_views` wraps the local statistics of each parameter in a
-``DTensor`` with the parameter's mesh and placements, which ``torch.distributed.checkpoint`` saves
-and loads per process, in place.
+A new strategy (HSDP, DeepSpeed) is one more subclass. Everything elementwise (Welford moments,
+deviation columns, the diagonal noise of a column) works on the local vector unchanged. This is the
+only module that tells the kinds apart. Plain torch (``torch.distributed``).
 """
 
 from __future__ import annotations
@@ -28,28 +26,30 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_swag.checkpoint import sharded_statistic_key
+from lightning_swag.parameters import named_tracked
 
 __all__ = [
+    "DDPSliceLayout",
+    "FSDP2Layout",
+    "Layout",
     "Piece",
     "ShardLayout",
+    "WholeLayout",
     "all_gather_columns",
     "chunk_rows",
-    "dtensor_views",
     "gather_columns",
     "has_dtensor_parameters",
     "is_dtensor",
-    "load_dtensor_views",
+    "layout_for",
     "reshard_fsdp",
 ]
 
-LayoutKind = Literal["ddp", "fsdp2"]
 Span = tuple[int, int, int]  # (local start, global start, count)
 
 
@@ -104,8 +104,8 @@ class Piece:
     """Local elements ``[local, local + count)`` are global flat elements ``[start, start + count)``,
     i.e. elements ``[within, within + count)`` of parameter ``name`` flattened.
 
-    ``local_shape`` is the shape of the piece as a tensor (FSDP2: the local shard's shape; ``None``
-    when the piece cuts a parameter's rows, as DDP slices do)."""
+    ``local_shape`` is the shape of the piece as a tensor (the whole shape, or an FSDP2 local
+    shard's; ``None`` when the piece cuts a parameter's rows, as DDP slices do)."""
 
     name: str
     start: int
@@ -115,33 +115,40 @@ class Piece:
     local_shape: tuple[int, ...] | None = None
 
 
-class ShardLayout:
+def _offsets(shapes: Mapping[str, torch.Size]) -> dict[str, int]:
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += math.prod(shape)
+    return offsets
+
+
+class Layout:
     """The pieces of the global flat weight vector that this process keeps (see the module docstring).
 
-    Build one with :meth:`ddp_slice` or :meth:`fsdp2`; ``SWAGPosterior.from_model(..., shard=True)``
-    picks the right one.
+    Build one with :meth:`whole`, :meth:`ddp_slice`, :meth:`from_row_shards`, :meth:`fsdp2` or
+    :func:`layout_for`; ``SWAGPosterior.from_model`` picks the right one.
 
     Args:
         shapes: ordered ``{canonical name: global shape}`` of the tracked parameters.
         pieces: the pieces, in local order.
-        kind: ``"ddp"`` or ``"fsdp2"``.
-        placements: FSDP2 only: ``{name: (device mesh, placements)}`` of every parameter, for
-            :func:`dtensor_views`.
     """
 
-    def __init__(
-        self,
-        shapes: Mapping[str, Sequence[int]],
-        pieces: Sequence[Piece],
-        kind: LayoutKind,
-        placements: Mapping[str, tuple[Any, tuple[Any, ...]]] | None = None,
-    ) -> None:
-        if kind not in ("ddp", "fsdp2"):
-            raise ValueError(f"kind must be 'ddp' or 'fsdp2', got {kind!r}.")
+    name = "layout"
+    is_sharded = True
+    """Whether a process keeps only a part of the weights."""
+    joins_samples = False
+    """Whether every process needs the other processes' columns to run a sample (a collective)."""
+    forward_in_place = False
+    """Whether samples are copied into the model's own (sharded) parameters for the forward pass,
+    one at a time, instead of being passed to ``functional_call``."""
+    per_process_checkpoint = False
+    """Whether a distributed checkpoint stores each process's part next to its weight shards
+    (:meth:`checkpoint_views`) rather than the whole posterior, gathered into one file."""
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], pieces: Sequence[Piece]) -> None:
         self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
         self.pieces = list(pieces)
-        self.kind: LayoutKind = kind
-        self.placements = dict(placements or {})
         self.num_params = sum(math.prod(s) for s in self.shapes.values())
         self.num_local = sum(piece.count for piece in self.pieces)
         self._all_spans: list[list[Span]] | None = None
@@ -153,117 +160,33 @@ class ShardLayout:
 
     # ------------------------------------------------------------------ constructors
     @staticmethod
-    def _offsets(shapes: Mapping[str, torch.Size]) -> dict[str, int]:
-        offsets, total = {}, 0
-        for name, shape in shapes.items():
-            offsets[name] = total
-            total += math.prod(shape)
-        return offsets
+    def whole(shapes: Mapping[str, Sequence[int]]) -> WholeLayout:
+        """Every weight on this process."""
+        return WholeLayout(shapes)
 
-    @classmethod
-    def ddp_slice(cls, shapes: Mapping[str, Sequence[int]], world_size: int, rank: int) -> ShardLayout:
+    @staticmethod
+    def ddp_slice(shapes: Mapping[str, Sequence[int]], world_size: int, rank: int) -> DDPSliceLayout:
         """Slice ``rank`` of ``world_size`` of the flat vector (``torch.chunk`` semantics)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
-        sizes = {name: torch.Size(shape) for name, shape in shapes.items()}
-        offsets = cls._offsets(sizes)
-        total = sum(math.prod(s) for s in sizes.values())
-        first, count = chunk_rows(total, world_size, rank)
-        pieces, local = [], 0
-        for name, shape in sizes.items():
-            begin = max(first, offsets[name])
-            end = min(first + count, offsets[name] + math.prod(shape))
-            if end > begin:
-                pieces.append(Piece(name, begin, local, begin - offsets[name], end - begin))
-                local += end - begin
-        return cls(sizes, pieces, "ddp")
+        return DDPSliceLayout.build(shapes, world_size, rank)
 
-    @classmethod
+    @staticmethod
     def from_row_shards(
-        cls,
         shapes: Mapping[str, Sequence[int]],
         rows: Mapping[str, tuple[int, int]],
         placements: Mapping[str, tuple[Any, tuple[Any, ...]]] | None = None,
-    ) -> ShardLayout:
-        """The FSDP2 layout from ``{name: (first row, number of rows)}`` of every parameter's local
-        shard (dim 0). Every parameter gets a piece, empty ones included, so that every process
-        offers the same checkpoint keys."""
-        sizes = {name: torch.Size(shape) for name, shape in shapes.items()}
-        offsets = cls._offsets(sizes)
-        pieces, local = [], 0
-        for name, shape in sizes.items():
-            first, count_rows = rows[name]
-            row_numel = math.prod(shape[1:])
-            count = count_rows * row_numel
-            local_shape = (count_rows, *shape[1:])
-            within = first * row_numel
-            pieces.append(Piece(name, offsets[name] + within, local, within, count, local_shape))
-            local += count
-        return cls(sizes, pieces, "fsdp2", placements)
+    ) -> FSDP2Layout:
+        """The FSDP2 layout from ``{name: (first row, number of rows)}`` of every parameter's local shard."""
+        return FSDP2Layout.from_rows(shapes, rows, placements)
 
-    @classmethod
-    def fsdp2(cls, named: Sequence[tuple[str, Tensor]]) -> ShardLayout:
-        """The layout of parameters sharded by ``fully_shard``: each must be a DTensor on a 1-D device
-        mesh that spans all processes, with placement ``Shard(0)``.
+    @staticmethod
+    def fsdp2(named: Sequence[tuple[str, Tensor]]) -> FSDP2Layout:
+        """The layout of parameters sharded by ``fully_shard`` (see :meth:`FSDP2Layout.of_parameters`)."""
+        return FSDP2Layout.of_parameters(named)
 
-        The local rows are computed with ``torch.chunk`` semantics and checked against
-        ``to_local()`` (no private API).
-
-        Raises:
-            ValueError: a parameter is a plain tensor, or sharded another way (tensor parallelism,
-                HSDP, ``shard_placement_fn``), naming it and saying what is supported.
-        """
-        from torch.distributed.tensor import DTensor, Shard
-
-        shapes, rows, placements = {}, {}, {}
-        for name, param in named:
-            if not isinstance(param, DTensor):
-                raise ValueError(
-                    f"Parameter {name!r} is not sharded (a plain {type(param).__name__}) while others are "
-                    "DTensors: apply torch.distributed.fsdp.fully_shard to the module that owns it (or to the "
-                    "root module in configure_model), or leave it out of the posterior with include=[...]."
-                )
-            mesh = param.device_mesh
-            if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-                raise ValueError(
-                    f"Parameter {name!r} has placements {tuple(param.placements)} on a {mesh.ndim}-D device "
-                    "mesh; sharded SWAG supports FSDP2's Shard(0) over one data-parallel mesh dimension "
-                    "(ModelParallelStrategy(tensor_parallel_size=1), fully_shard without shard_placement_fn)."
-                )
-            if dist.is_initialized() and mesh.size() != dist.get_world_size():
-                raise ValueError(
-                    f"Parameter {name!r} is sharded over {mesh.size()} of {dist.get_world_size()} processes; "
-                    "sharded SWAG needs the FSDP2 mesh to span all processes (pure data parallelism)."
-                )
-            shape = param.shape
-            if len(shape) == 0:
-                raise ValueError(
-                    f"Parameter {name!r} is a 0-dim DTensor; FSDP2 shards dim 0 of each parameter."
-                )
-            first, count = chunk_rows(shape[0], mesh.size(), mesh.get_local_rank())
-            local_shape = tuple(param.to_local().shape)
-            if local_shape != (count, *shape[1:]):
-                raise ValueError(
-                    f"Parameter {name!r}: the local shard has shape {local_shape}, but torch.chunk semantics "
-                    f"on dim 0 give {(count, *shape[1:])} for process {mesh.get_local_rank()} of {mesh.size()}; "
-                    "this FSDP2 sharding is not supported."
-                )
-            shapes[name], rows[name], placements[name] = (
-                shape,
-                (first, count),
-                (mesh, tuple(param.placements)),
-            )
-        return cls.from_row_shards(shapes, rows, placements)
-
-    @classmethod
-    def for_parameters(cls, named: Sequence[tuple[str, Tensor]], shard: bool) -> ShardLayout | None:
-        """The layout for these parameters: FSDP2 when any is a DTensor; a DDP slice when ``shard`` and
-        more than one process runs; otherwise ``None`` (unsharded)."""
-        if any(is_dtensor(p) for _, p in named):
-            return cls.fsdp2(named)
-        if shard and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return cls.ddp_slice({n: p.shape for n, p in named}, dist.get_world_size(), dist.get_rank())
-        return None
+    @staticmethod
+    def for_parameters(named: Sequence[tuple[str, Tensor]], shard: bool) -> Layout:
+        """:func:`layout_for` (kept under its earlier name)."""
+        return layout_for(named, shard)
 
     # ------------------------------------------------------------------ views
     @property
@@ -274,7 +197,7 @@ class ShardLayout:
     @property
     def spans(self) -> list[Span]:
         """``(local start, global start, count)`` runs that are contiguous both locally and globally
-        (a DDP slice is one run), without empty ones."""
+        (a slice is one run), without empty ones."""
         spans: list[list[int]] = []
         for p in self.pieces:
             if p.count == 0:
@@ -297,6 +220,14 @@ class ShardLayout:
                 out.append(tensor.reshape(-1)[piece.within : piece.within + piece.count])
         return out
 
+    def piece_views(self, local: Tensor) -> list[Tensor]:
+        """Views of a local ``[num_local]`` vector, one per piece (shaped like it where it has a shape)."""
+        views = []
+        for p in self.pieces:
+            view = local[p.local : p.local + p.count]
+            views.append(view.view(p.local_shape) if p.local_shape is not None else view)
+        return views
+
     def take(self, flat: Tensor) -> Tensor:
         """The local part ``[..., num_local]`` of a global ``[..., P]`` tensor (a copy)."""
         if flat.shape[-1] != self.num_params:
@@ -306,10 +237,49 @@ class ShardLayout:
             out[..., local : local + count] = flat[..., start : start + count]
         return out
 
+    def unflatten_local(self, flat: Tensor) -> dict[str, Tensor]:
+        """``{name: [..., *local shape]}`` views of this process's columns ``[..., num_local]``."""
+        if flat.shape[-1] != self.num_local:
+            raise ValueError(f"Expected a last dimension of {self.num_local}, got shape {tuple(flat.shape)}.")
+        lead = flat.shape[:-1]
+        return {
+            p.name: flat[..., p.local : p.local + p.count].reshape(*lead, *p.local_shape)
+            for p in self.pieces
+            if p.local_shape is not None
+        }
+
     def describe(self) -> str:
         """A short description for messages, e.g. ``"ddp slice of 626/1251 weights"``."""
-        what = "ddp slice" if self.kind == "ddp" else "fsdp2 shards"
-        return f"{what} of {self.num_local}/{self.num_params} weights"
+        return f"{self.name} of {self.num_local}/{self.num_params} weights"
+
+    # ------------------------------------------------------------------ what differs by kind
+    def fits(self, model: nn.Module) -> bool:
+        """Whether this layout's part can be run with ``model`` as it is (FSDP2 shards need an FSDP2
+        model, a DDP slice a plain one)."""
+        return not has_dtensor_parameters(model)
+
+    def join(self, local: Tensor) -> Tensor:
+        """The whole ``[R, P]`` from every process's ``[R, num_local]`` (a collective when sharded)."""
+        return all_gather_columns(local, self)
+
+    def model_tensors(self, local: Tensor) -> dict[str, Tensor]:
+        """``{name: tensor}`` to run the model with, from this process's ``[..., num_local]`` columns."""
+        raise NotImplementedError
+
+    def write_into(self, model: nn.Module, local: Tensor) -> None:
+        """Write this process's columns ``[num_local]`` into ``model``'s tracked parameters, in place."""
+        raise ValueError(
+            f"This posterior keeps a {self.describe()}, which cannot fill a whole model: gather() it to "
+            "one process first (or predict with SWAGModule, which joins the samples)."
+        )
+
+    def prepare(self, model: nn.Module) -> None:
+        """Bring ``model`` into the state this layout reads and writes (FSDP2: resharded)."""
+
+    def checkpoint_views(self, statistics: Mapping[str, Tensor], key: Any) -> dict[str, Tensor] | None:
+        """Views of the local statistics that a distributed checkpoint stores per process, keyed
+        ``key(statistic, name)``; ``None`` when the layout's statistics are gathered into one file."""
+        return None
 
     def all_spans(self) -> list[list[Span]]:
         """The spans of every process (a collective the first time, then cached). Checks that the
@@ -332,6 +302,227 @@ class ShardLayout:
         return self._all_spans
 
 
+ShardLayout = Layout
+"""The earlier name of :class:`Layout`."""
+
+
+class WholeLayout(Layout):
+    """Every weight on this process: local columns are global columns, one piece per parameter."""
+
+    name = "whole"
+    is_sharded = False
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        sizes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        offsets = _offsets(sizes)
+        pieces = [Piece(n, offsets[n], offsets[n], 0, math.prod(s), tuple(s)) for n, s in sizes.items()]
+        super().__init__(sizes, pieces)
+
+    def take(self, flat: Tensor) -> Tensor:
+        if flat.shape[-1] != self.num_params:
+            raise ValueError(f"Expected a last dimension of {self.num_params}, got {tuple(flat.shape)}.")
+        return flat
+
+    def join(self, local: Tensor) -> Tensor:
+        return local
+
+    def model_tensors(self, local: Tensor) -> dict[str, Tensor]:
+        return self.unflatten_local(local)
+
+    def write_into(self, model: nn.Module, local: Tensor) -> None:
+        named = named_tracked(model)
+        with torch.no_grad():
+            for name, value in self.unflatten_local(local).items():
+                named[name].copy_(value)
+
+    def all_spans(self) -> list[list[Span]]:
+        return [self.spans]
+
+
+class DDPSliceLayout(Layout):
+    """A contiguous slice of the flat vector per process; every process holds the whole model."""
+
+    name = "ddp slice"
+    joins_samples = True
+
+    @classmethod
+    def build(cls, shapes: Mapping[str, Sequence[int]], world_size: int, rank: int) -> DDPSliceLayout:
+        """Slice ``rank`` of ``world_size`` (``torch.chunk`` semantics)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
+        sizes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        offsets = _offsets(sizes)
+        total = sum(math.prod(s) for s in sizes.values())
+        first, count = chunk_rows(total, world_size, rank)
+        pieces, local = [], 0
+        for name, shape in sizes.items():
+            begin = max(first, offsets[name])
+            end = min(first + count, offsets[name] + math.prod(shape))
+            if end > begin:
+                pieces.append(Piece(name, begin, local, begin - offsets[name], end - begin))
+                local += end - begin
+        return cls(sizes, pieces)
+
+    def model_tensors(self, local: Tensor) -> dict[str, Tensor]:
+        whole = WholeLayout(self.shapes)
+        return whole.unflatten_local(self.join(local))
+
+    def unflatten_local(self, flat: Tensor) -> dict[str, Tensor]:
+        raise ValueError("A DDP slice cuts parameters; join the columns with all_gather_columns first.")
+
+
+class FSDP2Layout(Layout):
+    """Every process keeps its own dim-0 rows of every parameter, as FSDP2's ``Shard(0)`` does.
+
+    Args:
+        shapes: ordered ``{canonical name: global shape}``.
+        pieces: one piece per parameter (empty ones included, so that every process offers the same
+            checkpoint keys).
+        placements: ``{name: (device mesh, placements)}`` of every parameter, for checkpoint views.
+    """
+
+    name = "fsdp2 shards"
+    forward_in_place = True
+    per_process_checkpoint = True
+
+    def __init__(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        pieces: Sequence[Piece],
+        placements: Mapping[str, tuple[Any, tuple[Any, ...]]] | None = None,
+    ) -> None:
+        super().__init__(shapes, pieces)
+        self.placements = dict(placements or {})
+
+    @classmethod
+    def from_rows(
+        cls,
+        shapes: Mapping[str, Sequence[int]],
+        rows: Mapping[str, tuple[int, int]],
+        placements: Mapping[str, tuple[Any, tuple[Any, ...]]] | None = None,
+    ) -> FSDP2Layout:
+        """The layout from ``{name: (first row, number of rows)}`` of every parameter's local shard."""
+        sizes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        offsets = _offsets(sizes)
+        pieces, local = [], 0
+        for name, shape in sizes.items():
+            first, count_rows = rows[name]
+            row_numel = math.prod(shape[1:])
+            count = count_rows * row_numel
+            within = first * row_numel
+            pieces.append(Piece(name, offsets[name] + within, local, within, count, (count_rows, *shape[1:])))
+            local += count
+        return cls(sizes, pieces, placements)
+
+    @classmethod
+    def of_parameters(cls, named: Sequence[tuple[str, Tensor]]) -> FSDP2Layout:
+        """The layout of parameters sharded by ``fully_shard``: each must be a DTensor on a 1-D device
+        mesh that spans all processes, with placement ``Shard(0)``; the local rows (``torch.chunk``
+        semantics) are checked against ``to_local()``.
+
+        Raises:
+            ValueError: a parameter is a plain tensor, or sharded another way (tensor parallelism,
+                HSDP, ``shard_placement_fn``), naming it and saying what is supported.
+        """
+        shapes, rows, placements = {}, {}, {}
+        for name, param in named:
+            shapes[name], rows[name], placements[name] = _fsdp2_rows(name, param)
+        return cls.from_rows(shapes, rows, placements)
+
+    def fits(self, model: nn.Module) -> bool:
+        return has_dtensor_parameters(model)
+
+    def join(self, local: Tensor) -> Tensor:
+        raise ValueError("FSDP2 shards are used in place; gather() the posterior for whole samples.")
+
+    def model_tensors(self, local: Tensor) -> dict[str, Tensor]:
+        return self.unflatten_local(local)
+
+    def write_into(self, model: nn.Module, local: Tensor) -> None:
+        reshard_fsdp(model)
+        named = named_tracked(model)
+        with torch.no_grad():
+            for name, value in self.unflatten_local(local).items():
+                named[name].to_local().copy_(value)
+
+    def prepare(self, model: nn.Module) -> None:
+        reshard_fsdp(model)
+
+    def checkpoint_views(self, statistics: Mapping[str, Tensor], key: Any) -> dict[str, Tensor]:
+        """Per-parameter DTensors over views of the local statistics, with the parameters' mesh and
+        placements: ``[num_local]`` vectors become DTensors of the parameter's shape, ``[K, num_local]``
+        matrices ``[K, *shape]`` DTensors sharded on dim 1. ``torch.distributed.checkpoint`` saves them
+        per process and loads into them in place."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        views: dict[str, Tensor] = {}
+        for piece in self.pieces:
+            mesh, placements = self.placements[piece.name]
+            shape = self.shapes[piece.name]
+            assert piece.local_shape is not None
+            columns = slice(piece.local, piece.local + piece.count)
+            for stat, buffer in statistics.items():
+                if buffer.dim() == 1:
+                    local, full, where = buffer[columns].view(piece.local_shape), shape, placements
+                elif buffer.shape[0] > 0:
+                    rows = buffer.shape[0]
+                    local = buffer[:, columns].view(rows, *piece.local_shape)
+                    full, where = torch.Size([rows, *shape]), [Shard(p.dim + 1) for p in placements]
+                else:
+                    continue
+                views[key(stat, piece.name)] = DTensor.from_local(
+                    local, mesh, where, shape=full, stride=torch.empty(full, device="meta").stride()
+                )
+        return views
+
+
+def _fsdp2_rows(name: str, param: Tensor) -> tuple[torch.Size, tuple[int, int], tuple[Any, tuple[Any, ...]]]:
+    """``(global shape, (first row, rows), (mesh, placements))`` of one ``fully_shard`` parameter."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        raise ValueError(
+            f"Parameter {name!r} is not sharded (a plain {type(param).__name__}) while others are "
+            "DTensors: apply torch.distributed.fsdp.fully_shard to the module that owns it (or to the "
+            "root module in configure_model), or leave it out of the posterior with include=[...]."
+        )
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise ValueError(
+            f"Parameter {name!r} has placements {tuple(param.placements)} on a {mesh.ndim}-D device "
+            "mesh; sharded SWAG supports FSDP2's Shard(0) over one data-parallel mesh dimension "
+            "(ModelParallelStrategy(tensor_parallel_size=1), fully_shard without shard_placement_fn)."
+        )
+    if dist.is_initialized() and mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"Parameter {name!r} is sharded over {mesh.size()} of {dist.get_world_size()} processes; "
+            "sharded SWAG needs the FSDP2 mesh to span all processes (pure data parallelism)."
+        )
+    shape = param.shape
+    if len(shape) == 0:
+        raise ValueError(f"Parameter {name!r} is a 0-dim DTensor; FSDP2 shards dim 0 of each parameter.")
+    first, count = chunk_rows(shape[0], mesh.size(), mesh.get_local_rank())
+    local_shape = tuple(param.to_local().shape)
+    if local_shape != (count, *shape[1:]):
+        raise ValueError(
+            f"Parameter {name!r}: the local shard has shape {local_shape}, but torch.chunk semantics "
+            f"on dim 0 give {(count, *shape[1:])} for process {mesh.get_local_rank()} of {mesh.size()}; "
+            "this FSDP2 sharding is not supported."
+        )
+    return shape, (first, count), (mesh, tuple(param.placements))
+
+
+def layout_for(named: Sequence[tuple[str, Tensor]], shard: bool) -> Layout:
+    """The layout for these parameters: FSDP2 when any is a DTensor; a DDP slice when ``shard`` and
+    more than one process runs; otherwise the whole vector."""
+    if any(is_dtensor(p) for _, p in named):
+        return FSDP2Layout.of_parameters(named)
+    if shard and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shapes = {n: p.shape for n, p in named}
+        return DDPSliceLayout.build(shapes, dist.get_world_size(), dist.get_rank())
+    return WholeLayout({n: p.shape for n, p in named})
+
+
 # ---------------------------------------------------------------------- collectives
 def _comm_device(device: torch.device) -> torch.device:
     """Where tensors must be for the default process group: the current CUDA device for NCCL, the CPU
@@ -347,9 +538,7 @@ def _padded(local: Tensor, width: int) -> Tensor:
     return padded
 
 
-def gather_columns(
-    local: Tensor, layout: ShardLayout, dst: int = 0, out: Tensor | None = None
-) -> Tensor | None:
+def gather_columns(local: Tensor, layout: Layout, dst: int = 0, out: Tensor | None = None) -> Tensor | None:
     """Join the ``[R, num_local]`` matrices of every process into one ``[R, P]`` on process ``dst``,
     placing each process's columns by its pieces. A collective; returns ``None`` off ``dst``.
 
@@ -373,7 +562,7 @@ def gather_columns(
     return out
 
 
-def all_gather_columns(local: Tensor, layout: ShardLayout) -> Tensor:
+def all_gather_columns(local: Tensor, layout: Layout) -> Tensor:
     """Join the ``[R, num_local]`` matrices of every process into ``[R, P]`` on every process (on
     ``local``'s device). A collective; used to give every DDP process whole weight samples."""
     all_spans = layout.all_spans()
@@ -391,55 +580,10 @@ def all_gather_columns(local: Tensor, layout: ShardLayout) -> Tensor:
     return out
 
 
-# ---------------------------------------------------------------------- FSDP2 distributed checkpoints
-def dtensor_views(layout: ShardLayout, statistics: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """Per-parameter DTensors over *views* of this process's statistics, with the parameters' device
-    mesh and placements, keyed ``sharded_statistic_key(prefix, statistic, name)``.
-
-    ``statistics`` maps a statistic name to its local buffer: ``[num_local]`` vectors (a DTensor of the
-    parameter's shape) or ``[K, num_local]`` matrices (a ``[K, *shape]`` DTensor sharded on dim 1).
-    ``torch.distributed.checkpoint`` saves them per process and loads into them in place.
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    if layout.kind != "fsdp2":
-        raise ValueError("dtensor_views needs an FSDP2 layout (a posterior of fully_shard parameters).")
-    views: dict[str, Tensor] = {}
-    for piece in layout.pieces:
-        mesh, placements = layout.placements[piece.name]
-        shape = layout.shapes[piece.name]
-        assert piece.local_shape is not None
-        columns = slice(piece.local, piece.local + piece.count)
-        for stat, buffer in statistics.items():
-            key = sharded_statistic_key(prefix, stat, piece.name)
-            if buffer.dim() == 1:
-                views[key] = DTensor.from_local(
-                    buffer[columns].view(piece.local_shape),
-                    mesh,
-                    placements,
-                    shape=shape,
-                    stride=_contiguous_stride(shape),
-                )
-            elif buffer.shape[0] > 0:
-                rows = buffer.shape[0]
-                full_shape = torch.Size([rows, *shape])
-                views[key] = DTensor.from_local(
-                    buffer[:, columns].view(rows, *piece.local_shape),
-                    mesh,
-                    [Shard(p.dim + 1) for p in placements],
-                    shape=full_shape,
-                    stride=_contiguous_stride(full_shape),
-                )
-    return views
-
-
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    return torch.empty(shape, device="meta").stride()
-
-
-def load_dtensor_views(views: Mapping[str, Tensor], checkpoint: str | os.PathLike[str]) -> None:
-    """Read ``views`` (from :func:`dtensor_views`) in place from the distributed checkpoint folder
-    ``checkpoint``, where Lightning stored them inside the model's ``state_dict``. A collective."""
+def load_checkpoint_views(views: Mapping[str, Tensor], checkpoint: str | os.PathLike[str]) -> None:
+    """Read ``views`` (from :meth:`FSDP2Layout.checkpoint_views`) in place from the distributed
+    checkpoint folder ``checkpoint``, where Lightning stored them in the model's ``state_dict``. A
+    collective."""
     import torch.distributed.checkpoint as dcp
 
     dcp.load({"state_dict": dict(views)}, checkpoint_id=os.fspath(checkpoint))

@@ -15,17 +15,30 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "RunningMean",
+    "RunningMoments",
+    "bernoulli_entropy",
+    "categorical_entropy",
     "sample_var_mean",
+    "sigmoid_with_entropy",
     "softmax_with_entropy",
     "heteroscedastic_mean_variance",
+    "summarize_binary",
     "summarize_classification",
     "summarize_gaussian_mixture",
     "summarize_heteroscedastic",
     "summarize_regression",
+    "summary_dtype",
 ]
 
 
-def _entropy(probs: Tensor) -> Tensor:
+def summary_dtype(outputs: Tensor) -> torch.dtype:
+    """The dtype summaries are computed in: float64 for float64 outputs, float32 for any other."""
+    return torch.float64 if outputs.dtype == torch.float64 else torch.float32
+
+
+def categorical_entropy(probs: Tensor) -> Tensor:
+    """Entropy ``−Σ p log p`` over the last dimension (nats)."""
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
@@ -55,6 +68,66 @@ def softmax_with_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
     return probs, entropy
 
 
+def bernoulli_entropy(probs: Tensor) -> Tensor:
+    """Entropy ``−p log p − (1 − p) log(1 − p)`` of each Bernoulli probability (nats), elementwise."""
+    return -(torch.special.xlogy(probs, probs) + torch.special.xlogy(1 - probs, 1 - probs))
+
+
+def sigmoid_with_entropy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Sigmoid probabilities and their Bernoulli entropies from logits, elementwise.
+
+    ``H = softplus(z) − z·σ(z)`` is exact for any logit (no ``log 0`` for saturated ones)."""
+    probs = torch.sigmoid(logits)
+    return probs, torch.nn.functional.softplus(logits) - logits * probs
+
+
+class RunningMean:
+    """The mean over the sample axis (dim 0), merged chunk by chunk (one chunk gives ``mean(dim=0)``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+
+    def update(self, values: Tensor) -> None:
+        """Add the ``values.shape[0]`` samples of ``values``."""
+        mean, n = values.mean(dim=0), values.shape[0]
+        if self.mean is None:
+            self.count, self.mean = n, mean
+            return
+        total = self.count + n
+        self.mean = self.mean + (mean - self.mean) * (n / total)
+        self.count = total
+
+
+class RunningMoments:
+    """Mean and population variance over the sample axis (dim 0), merged chunk by chunk.
+
+    Each chunk ``[n, ...]`` is reduced with :func:`sample_var_mean` and merged with the running
+    ``(count, mean, variance)`` by the pairwise formula of Chan et al., so memory does not grow with
+    the number of samples, and one chunk gives exactly :func:`sample_var_mean`'s result.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.variance: Tensor | None = None
+
+    def update(self, values: Tensor) -> None:
+        """Add the ``values.shape[0]`` samples of ``values``."""
+        var, mean = sample_var_mean(values)
+        n = values.shape[0]
+        if self.mean is None or self.variance is None:
+            self.count, self.mean, self.variance = n, mean, var
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.variance = (
+            self.variance * self.count + var * n + delta.square() * (self.count * n / total)
+        ) / total
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+
 def summarize_regression(outputs: Tensor) -> dict[str, Tensor]:
     """Mean and standard deviation over the sample axis (dim 0) of ``[S, B, ...]`` outputs.
 
@@ -67,10 +140,10 @@ def summarize_regression(outputs: Tensor) -> dict[str, Tensor]:
 def summarize_classification(logits: Tensor) -> dict[str, Tensor]:
     """BMA summary of ``[S, B, C]`` logits: mean and std of the softmax probabilities,
     predictive entropy of the mean, and mutual information (entropy of the mean − mean entropy)."""
-    probs, sample_entropy = softmax_with_entropy(logits.float())
+    probs, sample_entropy = softmax_with_entropy(logits.to(summary_dtype(logits)))
     var, mean = sample_var_mean(probs)
     std = var.sqrt_()
-    entropy = _entropy(mean)
+    entropy = categorical_entropy(mean)
     expected_entropy = sample_entropy.mean(dim=0)
     return {
         "mean": mean,
@@ -81,6 +154,20 @@ def summarize_classification(logits: Tensor) -> dict[str, Tensor]:
         if logits.shape[0] > 1
         else torch.zeros_like(entropy),
     }
+
+
+def summarize_binary(logits: Tensor) -> dict[str, Tensor]:
+    """BMA summary of ``[S, B, ...]`` logits of independent binary outcomes (sigmoid): mean and std of
+    the probabilities, the entropy of the mean probability and the mutual information, elementwise."""
+    probs, sample_entropy = sigmoid_with_entropy(logits.to(summary_dtype(logits)))
+    var, mean = sample_var_mean(probs)
+    entropy = bernoulli_entropy(mean)
+    mutual = (
+        (entropy - sample_entropy.mean(dim=0)).clamp_(min=0)
+        if logits.shape[0] > 1
+        else torch.zeros_like(entropy)
+    )
+    return {"mean": mean, "std": var.sqrt_(), "entropy": entropy, "mutual_information": mutual}
 
 
 def heteroscedastic_mean_variance(outputs: Tensor) -> tuple[Tensor, Tensor]:

@@ -34,7 +34,6 @@ __all__ = ["FAST_CALL_SECONDS", "SampleMap", "Vectorize", "choose_vectorization"
 
 Vectorize = Literal["auto", "vmap", "loop"]
 """``"auto"`` (see the module docstring), or force ``"vmap"`` / ``"loop"``."""
-Mode = Literal["auto", "vmap", "loop"]
 FAST_CALL_SECONDS = 1e-3
 """On a CPU, ``"auto"`` vectorises when one forward pass takes less than this."""
 
@@ -43,7 +42,7 @@ class OutputTypeError(TypeError):
     """A model output that cannot be averaged: raised as is, never taken for a vmap tracing failure."""
 
 
-def choose_vectorization(requested: Vectorize | bool, device: torch.device | str) -> Mode:
+def choose_vectorization(requested: Vectorize | bool, device: torch.device | str) -> Vectorize:
     """The mode for ``device``: an explicit ``"vmap"``/``"loop"`` (or ``True``/``False``) is kept;
     ``"auto"`` is ``"vmap"`` on accelerators and stays ``"auto"`` (decided by timing) on a CPU."""
     if requested is True or requested == "vmap":
@@ -79,10 +78,10 @@ class SampleMap:
         owner: who runs the model, for the warning (e.g. ``"SWAGModule"``).
     """
 
-    def __init__(self, mode: Mode, owner: str) -> None:
+    def __init__(self, mode: Vectorize, owner: str) -> None:
         if mode not in ("auto", "vmap", "loop"):
             raise ValueError(f"mode must be 'auto', 'vmap' or 'loop', got {mode!r}.")
-        self.mode: Mode = mode
+        self.mode: Vectorize = mode
         self.owner = owner
         self._vmap_worked = False
         self._warn_on_fallback = mode == "vmap"

@@ -16,7 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_swag.batches import default_batch_inputs, default_batch_targets
-from lightning_swag.module import infer_task
+from lightning_swag.likelihoods import infer_task
 
 __all__ = ["SWAGPredictionWriter", "load_predictions", "merge_predictions"]
 
@@ -41,7 +41,8 @@ class SWAGPredictionWriter(BasePredictionWriter):
     * ``indices`` ``[N]``: dataset index of each row, when the dataloader reports them (a
       ``torch.utils.data.DataLoader``); under DDP :func:`merge_predictions` uses them to put the
       per-process files back in dataset order and drop the rows the sampler repeated as padding;
-    * ``meta``: a dict (``.pt``) or a JSON string (``.npz``) with ``task``, ``num_samples``,
+    * ``meta``: a dict (``.pt``) or a JSON string (``.npz``) with ``task``, ``total_samples``
+      (weight samples per prediction; files of 0.1 called it ``num_samples`` and still load),
       ``scale``, ``covariance``, ``seed``, ``global_rank``, ``world_size``, ``dataloader_idx``,
       ``num_rows``.
 
@@ -148,7 +149,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
         if self.save_inputs is not None:
             return self.save_inputs
         per_row = inputs[0].numel() if inputs.ndim > 0 and len(inputs) else 0
-        return _task(pl_module) == "regression" and per_row <= self.max_input_numel
+        return infer_task(pl_module) == "regression" and per_row <= self.max_input_numel
 
     def _path(self, trainer: L.Trainer, dataloader_idx: int, batch_idx: int | None) -> Path:
         stem, suffix = os.path.splitext(self.filename)
@@ -173,8 +174,8 @@ class SWAGPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         num_rows = int(record["mean"].shape[0]) if "mean" in record else 0
         meta: dict[str, Any] = {
-            "task": _task(pl_module),
-            "num_samples": getattr(pl_module, "total_samples", None),
+            "task": infer_task(pl_module),
+            "total_samples": getattr(pl_module, "total_samples", None),
             "scale": getattr(pl_module, "scale", None),
             "covariance": getattr(pl_module, "covariance", None),
             "seed": getattr(pl_module, "seed", None),
@@ -195,12 +196,6 @@ class SWAGPredictionWriter(BasePredictionWriter):
         self.written.append(path)
         if batch_idx is None:
             rank_zero_info(f"SWAGPredictionWriter: wrote {num_rows} predictions to {path}")
-
-
-def _task(pl_module: L.LightningModule) -> str:
-    """``SWAGModule``'s task, else the one :func:`infer_task` gives the module."""
-    task = getattr(pl_module, "task", None)
-    return task if task in ("regression", "classification") else infer_task(pl_module)
 
 
 def _maybe(extract: Callable[[Any], Any], batch: Any) -> Any:
@@ -227,8 +222,12 @@ def load_predictions(path: str | os.PathLike[str]) -> dict[str, Any]:
         with np.load(path) as data:
             out: dict[str, Any] = {k: torch.from_numpy(data[k]) for k in data.files if k != "meta"}
             out["meta"] = json.loads(str(data["meta"])) if "meta" in data.files else {}
-        return out
-    return torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        out = torch.load(path, map_location="cpu", weights_only=True)
+    meta = out.get("meta", {})
+    if "num_samples" in meta and "total_samples" not in meta:  # written before the field was renamed
+        meta["total_samples"] = meta.pop("num_samples")
+    return out
 
 
 def merge_predictions(sources: Sequence[str | os.PathLike[str] | dict[str, Any]]) -> dict[str, Any]:

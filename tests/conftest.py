@@ -98,6 +98,11 @@ class WeightRecorder(L.Callback):
         self.by_epoch: dict[int, torch.Tensor] = {}
         self.by_step: dict[int, torch.Tensor] = {}
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # the weights now are those after step global_step (several steps in one batch: manual optimization)
+        if trainer.global_step > 0:
+            self.by_step[trainer.global_step] = flat_params(pl_module).double().clone()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.by_step[trainer.global_step] = flat_params(pl_module).double().clone()
 

@@ -72,10 +72,10 @@ class SnapshotLogger(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.seen = self.swag.posterior.num_snapshots  # > 0 after a resume
+        self.seen = self.swag.num_snapshots  # > 0 after a resume
 
     def _check(self, trainer, pl_module) -> None:
-        n = self.swag.posterior.num_snapshots
+        n = self.swag.num_snapshots
         if n == self.seen:
             return
         assert n == self.seen + 1, f"SWAG took {n - self.seen} snapshots at once"

@@ -37,7 +37,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_swag.module as swag_module
+import lightning_swag.weights as swag_weights
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 from lightning_swag.sharding import all_gather_columns, gather_columns, reshard_fsdp
 
@@ -170,7 +170,12 @@ def run(kind: str, out: Path) -> None:
             "weights": local_weights(model),
             "local_tensor_bytes": sum(
                 t.numel() * t.element_size()
-                for t in (post._mean, post._sum_sq_dev, post._scratch, post._deviations)
+                for t in (
+                    post.statistics.mean,
+                    post.statistics.sum_sq_dev,
+                    post.statistics.scratch,
+                    post.statistics.deviations,
+                )
             ),
         },
         out / f"{kind}_fit_rank{rank}.pt",
@@ -227,15 +232,15 @@ def run(kind: str, out: Path) -> None:
         if kind == "ddp" and tag == "s05":  # a SWAGModule checkpoint gathers its sharded posterior
             predictor.save_checkpoint(out / "ddp_bma.ckpt")
     torch.manual_seed(1000 + rank)  # different global RNGs: agreeing on the seed is no accident
-    cache = swag_module._CACHE_BYTES
-    swag_module._CACHE_BYTES = 0  # DDP: gather the samples in every batch
+    cache = swag_weights.CACHE_BYTES
+    swag_weights.CACHE_BYTES = 0  # DDP: gather the samples in every batch
     try:
         bma = SWAGModule(model, post, num_samples=NUM_SAMPLES, scale=0.5, chunk_size=CHUNK)
         L.Trainer(
             strategy=strategy(kind), callbacks=[Writer(out / f"{kind}_pred_uneven_rank{rank}.pt")], **QUIET
         ).predict(bma, predict_loader(17), return_predictions=False)
     finally:
-        swag_module._CACHE_BYTES = cache
+        swag_weights.CACHE_BYTES = cache
     torch.save({"weights": local_weights(model)}, out / f"{kind}_after_predict_rank{rank}.pt")
 
 

@@ -78,7 +78,8 @@ def test_posterior_before_fit_is_a_clear_error() -> None:
 def test_no_snapshot_gives_a_clear_error_in_swag_module() -> None:
     swag = SWAGCallback(start_epoch=10)
     _, model = _fit([swag], max_epochs=2)
-    with pytest.raises(ValueError, match="no snapshots"):
+    assert swag.num_snapshots == 0
+    with pytest.raises(RuntimeError, match="no posterior yet.*start_epoch"):
         SWAGModule(model, swag.posterior)
 
 

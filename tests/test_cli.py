@@ -99,7 +99,9 @@ def test_sine_fit_then_predict_writes_bma_predictions(
     # The default progress bar stays on and shows predict progress over batches.
     assert cli.trainer.progress_bar_callback is not None
     captured = capsys.readouterr()
-    assert "Predicting DataLoader 0" in captured.out + captured.err
+    assert (
+        "Predicting" in captured.out + captured.err
+    )  # TQDM says "Predicting DataLoader 0", Rich "Predicting"
 
     preds = torch.load(out_dir / "predictions.pt", weights_only=True)
     assert set(preds) == {"mean", "std", "x", "targets", "indices", "meta"}
@@ -108,7 +110,7 @@ def test_sine_fit_then_predict_writes_bma_predictions(
     assert torch.allclose(x, torch.linspace(-10, 10, 500))
     assert torch.allclose(preds["targets"], 3 * torch.sin(preds["x"]))
     assert torch.equal(preds["indices"], torch.arange(500))
-    assert preds["meta"]["task"] == "regression" and preds["meta"]["num_samples"] == 100
+    assert preds["meta"]["task"] == "regression" and preds["meta"]["total_samples"] == 100
     inside, outside = std[x.abs() <= 5].mean(), std[x.abs() > 5].mean()
     assert outside > inside > 0, (inside, outside)
 
@@ -264,7 +266,7 @@ def test_mnist_fit_then_predict_writes_classification_uncertainty(
     assert preds["targets"].dtype == torch.int64
     accuracy = (preds["mean"].argmax(1) == preds["targets"]).float().mean()
     assert accuracy > 0.6, accuracy
-    assert preds["meta"]["task"] == "classification" and preds["meta"]["num_samples"] == 10
+    assert preds["meta"]["task"] == "classification" and preds["meta"]["total_samples"] == 10
 
 
 @pytest.mark.slow

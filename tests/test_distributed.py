@@ -154,8 +154,10 @@ def test_unsupported_sharded_strategies_are_refused_with_a_clear_error(strategy,
 def test_sharded_check_only_concerns_fit_and_lets_ddp_and_model_parallel_through() -> None:
     swag = SWAGCallback()
     swag.setup(SimpleNamespace(strategy=FSDPStrategy()), TinyRegressor(), "predict")  # type: ignore[arg-type]
-    swag.setup(SimpleNamespace(strategy=DDPStrategy()), TinyRegressor(), "fit")  # type: ignore[arg-type]
-    swag.setup(SimpleNamespace(strategy=ModelParallelStrategy()), TinyRegressor(), "fit")  # type: ignore[arg-type]
+    swag.setup(SimpleNamespace(strategy=DDPStrategy(), checkpoint_callbacks=[]), TinyRegressor(), "fit")  # type: ignore[arg-type]
+    swag.setup(
+        SimpleNamespace(strategy=ModelParallelStrategy(), checkpoint_callbacks=[]), TinyRegressor(), "fit"
+    )  # type: ignore[arg-type]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # strategy="ddp" (subprocess launcher): no warning either
         swag.setup(

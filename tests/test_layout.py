@@ -12,18 +12,33 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_swag"
 
 CORE_MODULES = [
     "lightning_swag",
-    "lightning_swag.posterior",
-    "lightning_swag.callback",
-    "lightning_swag.module",
-    "lightning_swag.summaries",
-    "lightning_swag.batchnorm",
     "lightning_swag.batches",
-    "lightning_swag.vectorize",
+    "lightning_swag.batchnorm",
+    "lightning_swag.callback",
     "lightning_swag.checkpoint",
-    "lightning_swag.sharding",
-    "lightning_swag.metrics",
-    "lightning_swag.writer",
+    "lightning_swag.checkpoint_io",
     "lightning_swag.cli",
+    "lightning_swag.files",
+    "lightning_swag.lockstep",
+    "lightning_swag.metrics",
+    "lightning_swag.module",
+    "lightning_swag.noise",
+    "lightning_swag.options",
+    "lightning_swag.parameters",
+    "lightning_swag.posterior",
+    "lightning_swag.runner",
+    "lightning_swag.sampling",
+    "lightning_swag.sharding",
+    "lightning_swag.split",
+    "lightning_swag.statistics",
+    "lightning_swag.storage",
+    "lightning_swag.summaries",
+    "lightning_swag.swa_lr",
+    "lightning_swag.tuning",
+    "lightning_swag.validation",
+    "lightning_swag.vectorize",
+    "lightning_swag.weights",
+    "lightning_swag.writer",
 ]
 
 
@@ -101,12 +116,13 @@ def test_the_posterior_is_plain_torch() -> None:
 
 
 def _readme_dependencies() -> dict[str, set[str]]:
-    """``{module: modules it imports}`` as the README's design diagram states them: the names after
-    ``<-`` on a module's line, and on the lines that continue that list."""
+    """``{module: modules it imports}`` as the design diagram of the docs (docs/design.md, formerly
+    the README's) states them: the names after ``<-`` on a module's line, and on the lines that
+    continue that list."""
     import re
 
-    readme = (PACKAGE.parent / "README.md").read_text()
-    block = readme.split("```text\nlightning_swag/\n", 1)[1].split("```", 1)[0]
+    design = (PACKAGE.parent / "docs" / "design.md").read_text()
+    block = design.split("```text\nlightning_swag/\n", 1)[1].split("```", 1)[0]
     deps: dict[str, set[str]] = {}
     current, continuing = None, False
     for line in block.splitlines():

@@ -78,9 +78,9 @@ def test_variance_is_never_negative_for_constant_weights() -> None:
 def test_deviation_buffer_is_allocated_once() -> None:
     net = _net()
     post = SWAGPosterior.from_model(net, max_rank=3)
-    ptr = post._deviations.data_ptr()
+    ptr = post.statistics.deviations.data_ptr()
     _random_walk(net, post, 10)
-    assert post._deviations.data_ptr() == ptr
+    assert post.statistics.deviations.data_ptr() == ptr
 
 
 def test_sample_covariance_matches_formula() -> None:
@@ -316,7 +316,7 @@ def test_format_1_files_are_still_read(tmp_path) -> None:
 
 
 def test_the_noise_does_not_depend_on_the_number_of_threads() -> None:
-    from lightning_swag.posterior import NOISE_BLOCK
+    from lightning_swag.noise import COLUMNS_PER_STREAM as NOISE_BLOCK
 
     post = _walked_posterior({"w": (2 * NOISE_BLOCK + 17,)}, snapshots=3, max_rank=3)
     threads = torch.get_num_threads()

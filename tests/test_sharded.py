@@ -21,7 +21,7 @@ from conftest import run_two_process_script
 
 from lightning_swag import SWAGModule, SWAGPosterior
 from lightning_swag.checkpoint import (
-    SHARDED_STATISTICS_KEY,
+    SHARDED_DESCRIPTION_KEY,
     load_distributed_checkpoint,
     load_file,
     posterior_state_from_entries,
@@ -202,7 +202,10 @@ def test_sharded_statistics_entries_rebuild_the_whole_posterior() -> None:
         "moment_dtype": "float64",
         "deviation_dtype": "float64",
     }
-    checkpoint = {"callbacks": {"SWAGCallback": {SHARDED_STATISTICS_KEY: description}}, "state_dict": entries}
+    checkpoint = {
+        "callbacks": {"SWAGCallback": {SHARDED_DESCRIPTION_KEY: description}},
+        "state_dict": entries,
+    }
     (state,) = posterior_states(checkpoint)
     rebuilt = SWAGPosterior.from_state_dict(state)
     for stat in ("mean", "variance", "deviations"):
@@ -318,7 +321,7 @@ def test_resuming_from_the_checkpoint_ends_at_the_uninterrupted_posterior(sharde
         swag_keys = {k for k in keys if k.startswith("state_dict._swag/SWAGCallback/")}
         assert len(swag_keys) == 3 * len(whole.param_shapes)  # mean, sum_sq_dev, deviations per weight
         meta = load_file(path / "meta.pt")["callbacks"]["SWAGCallback"]
-        assert meta["posterior"] is None and meta[SHARDED_STATISTICS_KEY]["num_snapshots"] == 2
+        assert meta["posterior"] is None and meta[SHARDED_DESCRIPTION_KEY]["num_snapshots"] == 2
         (state,) = posterior_states(load_distributed_checkpoint(path))  # one process, no process group
     saved = SWAGPosterior.from_state_dict(state)
     for stat in ("mean", "variance", "deviations"):
@@ -418,7 +421,7 @@ def test_fsdp2_posterior_checkpoint_views_and_in_place_bma_in_one_process(
     fully_shard(model, mesh=mesh)
     post = SWAGPosterior.from_model(model, max_rank=3)
     reference = SWAGPosterior.from_model(plain, max_rank=3)
-    assert post.layout is not None and post.layout.kind == "fsdp2" and not reference.is_sharded
+    assert post.layout.forward_in_place and not reference.is_sharded
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
         with torch.no_grad():
@@ -470,7 +473,7 @@ def test_shard_must_be_a_bool_and_is_a_no_op_with_one_process() -> None:
 
     from lightning_swag import SWAGCallback
 
-    with pytest.raises(ValueError, match="shard must be True or False"):
+    with pytest.raises(ValueError, match="shard must be one of True, False"):
         SWAGCallback(shard="yes")  # type: ignore[arg-type]
     swag = SWAGCallback(max_rank=2, shard=True)
     L.Trainer(max_epochs=2, callbacks=[swag], **QUIET).fit(TinyRegressor(), tiny_loader())

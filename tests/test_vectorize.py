@@ -9,9 +9,9 @@ import torch
 from conftest import random_walk_posterior
 from torch import nn
 
-import lightning_swag.module as module_lib
 import lightning_swag.vectorize as vectorize
 from lightning_swag import SWAGModule, SWAGPosterior
+from lightning_swag.runner import channels_last_in_place
 
 
 def _posterior(net: nn.Module, snapshots: int = 6) -> SWAGPosterior:
@@ -73,7 +73,7 @@ def test_the_choice_can_be_forced(monkeypatch: pytest.MonkeyPatch, forced, uses_
     bma = SWAGModule(net, post, num_samples=4, seed=0, vectorize=forced)
     bma(x)
     assert (spy.calls > 0) == uses_vmap
-    assert bma._mapper().mode == ("vmap" if uses_vmap else "loop")
+    assert bma.execution_plan.vectorize == ("vmap" if uses_vmap else "loop")
 
 
 @pytest.mark.parametrize("threshold, chosen", [(float("inf"), "vmap"), (0.0, "loop")])
@@ -85,7 +85,7 @@ def test_auto_times_the_first_samples_on_a_cpu(
     monkeypatch.setattr(vectorize, "FAST_CALL_SECONDS", threshold)
     bma = SWAGModule(net, post, num_samples=6, seed=0, return_samples=True)
     out = bma(x)
-    assert bma._mapper().mode == chosen
+    assert bma.execution_plan.vectorize == chosen
     forced = SWAGModule(net, post, num_samples=6, seed=0, return_samples=True, vectorize=chosen)(x)
     # every sample of the run came from the chosen path: bit for bit what that path gives
     torch.testing.assert_close(out["samples"], forced["samples"], rtol=0, atol=0)
@@ -122,7 +122,7 @@ def test_conv_nets_run_channels_last_on_a_cpu_with_the_same_predictions() -> Non
         net, post, num_samples=5, seed=3, task="classification", return_samples=True, memory_format="preserve"
     )
     a, p = auto(x), preserve(x)
-    assert auto._channels_last is True and preserve._channels_last is False
+    assert auto.execution_plan.channels_last is True and preserve.execution_plan.channels_last is False
     torch.testing.assert_close(a["samples"], p["samples"], rtol=1e-4, atol=1e-5)
     # the model itself is untouched: its weights keep their layout
     assert all(w.is_contiguous() for w in net.parameters())
@@ -162,7 +162,7 @@ def test_sampled_conv_weights_are_rewritten_channels_last_in_their_own_storage(
     flat = torch.randn(3, 100 + numel)  # a chunk of samples: other weights, then one conv weight
     weights = flat[:, 100:].reshape(3, *shape)
     want = [w.clone() for w in weights]
-    out = module_lib._channels_last_in_place(weights)
+    out = channels_last_in_place(weights)
     assert out.data_ptr() == weights.data_ptr()  # no second copy of the chunk
     canonical = torch.empty(shape, memory_format=torch.channels_last).stride()
     for sample, expected in zip(out, want, strict=True):
@@ -182,7 +182,7 @@ def test_a_model_that_needs_contiguous_activations_keeps_its_layout() -> None:
         torch.func.functional_call(net, channels_last_conv, (x,))
     bma = SWAGModule(net, post, num_samples=3, seed=0, task="classification")
     out = bma(x)
-    assert bma._channels_last is False and out["mean"].shape == (6, 3)
+    assert bma.execution_plan.channels_last is False and out["mean"].shape == (6, 3)
 
 
 def test_forcing_channels_last_needs_a_conv_net() -> None:

@@ -38,6 +38,7 @@ from lightning_swag.experiments.plots import (
     plot_uncertain_digits,
     save_figure,
 )
+from lightning_swag.experiments.quiet import quiet_lightning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,8 +350,9 @@ def write_results(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (``python examples/mnist.py [options]``)."""
-    run(parse_args(argv))
+    """Command-line entry point (``python examples/mnist.py [options]``), without Lightning's banners."""
+    with quiet_lightning():
+        run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from lightning_swag.experiments.plots import (
     plot_std_decomposition,
     save_figure,
 )
+from lightning_swag.experiments.quiet import quiet_lightning
 from lightning_swag.metrics import (
     gaussian_mixture_quantile,
     regression_calibration_curve,
@@ -881,8 +882,9 @@ def results_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (``python examples/regression.py [options]``)."""
-    run(parse_args(argv))
+    """Command-line entry point (``python examples/regression.py [options]``), without Lightning's banners."""
+    with quiet_lightning():
+        run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from lightning_swag import SWAGCallback, SWAGModule
 from lightning_swag.experiments.data import SineDataModule, sine_function
 from lightning_swag.experiments.models import SineRegressor
 from lightning_swag.experiments.plots import plot_regression, save_figure
+from lightning_swag.experiments.quiet import quiet_lightning
 
 METHODS = {
     # name: (covariance, scale, num_samples or None for the CLI's --num-samples)
@@ -133,8 +134,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (``python examples/sine.py [options]``)."""
-    run(parse_args(argv))
+    """Command-line entry point (``python examples/sine.py [options]``), without Lightning's banners."""
+    with quiet_lightning():
+        run(parse_args(argv))
 
 
 if __name__ == "__main__":
