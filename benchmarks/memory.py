@@ -23,8 +23,12 @@ so on Linux it is reset with it. The formula (bytes; ``P`` weights, rank ``K``):
   mean and standard deviation ``2·P·4`` + ``chunk·P·4``;
 * all on top of the baseline RSS.
 
+``--outputs`` runs ``benchmarks/output_memory.py`` instead: the peak memory of the BMA's outputs at
+1,000 and 16,000 samples with ``chunk_size=10`` (bounded by the chunk, not by ``num_samples``).
+
 Usage::
 
+    python benchmarks/memory.py --outputs
     python benchmarks/memory.py [--model resnet18|mlp] [--rank 20] [--snapshots 25] [--samples 30]
                                 [--chunks 1 4] [--json results.json]
 """
@@ -204,11 +208,18 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--phases", nargs="+", default=["baseline", "collect", "sample", "bma"])
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--outputs",
+        action="store_true",
+        help="instead: the BMA's output memory at 1,000 and 16,000 samples (benchmarks/output_memory.py)",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--posterior-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
+    if args.outputs:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("output_memory.py"))], check=True)
+        return
     if args.phase:  # child process
         print(json.dumps(run_phase(args)))
         return

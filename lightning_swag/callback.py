@@ -14,13 +14,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_swag.checkpoint import (
-    CALLBACK_POSTERIOR_KEY,
-    SHARDED_DESCRIPTION_KEY,
-    callback_state,
-    read_callback_state,
-    sharded_statistics_prefix,
-)
+from lightning_swag.callback_checkpoints import CallbackCheckpoints
 from lightning_swag.checkpoint_io import readable_checkpoint_errors, restore_checkpoint_io
 from lightning_swag.parameters import check_include, select_parameters
 from lightning_swag.posterior import SWAGPosterior
@@ -56,7 +50,7 @@ def _spawns_workers(strategy: Strategy) -> bool:
     return any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__)
 
 
-class SWAGCallback(Callback):
+class SWAGCallback(CallbackCheckpoints, Callback):
     """Collect a SWAG posterior over the weights of any LightningModule during ``trainer.fit``.
 
     When to snapshot is decided by :meth:`should_update`, with Lightning's ``WeightAveraging``
@@ -324,82 +318,6 @@ class SWAGCallback(Callback):
         # Fallback for epochs that end without a recognisable last batch (e.g. ``max_steps``).
         self._epoch_end(trainer, pl_module)
 
-    @override
-    def on_save_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Sharded statistics: a collective (Lightning calls it on every process). A distributed
-        checkpoint (DTensor weights) stores each process's part as DTensor views next to the weight
-        shards; any other checkpoint gets the whole posterior, gathered to rank 0, which writes it."""
-        post = self._posterior
-        if post is None or not post.is_sharded:
-            return
-        state = checkpoint["callbacks"][self.state_key]
-        distributed = any(is_dtensor(value) for value in checkpoint.get("state_dict", {}).values())
-        if post.layout.per_process_checkpoint and distributed:  # the same answer on every process
-            prefix = sharded_statistics_prefix(self.state_key)
-            checkpoint["state_dict"].update(post.sharded_state_dict(prefix))
-            state[SHARDED_DESCRIPTION_KEY] = post.sharded_description(prefix)
-        else:
-            whole = post.gather(dst=0)
-            if whole is not None:
-                state[CALLBACK_POSTERIOR_KEY] = whole.state_dict()
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if state is None:
-            rank_zero_warn(
-                "SWAGCallback: the checkpoint holds no SWAG state (it was saved without this callback, or "
-                "by a ModelCheckpoint(save_weights_only=True), which keeps no callback state); collection "
-                "starts from a fresh posterior."
-            )
-            return
-        description = read_callback_state(state).sharded
-        if description is not None:  # each process reads its own part from the distributed checkpoint
-            self._posterior = SWAGPosterior.from_distributed_checkpoint(
-                trainer.ckpt_path, description, pl_module, device=self._target_device(pl_module)
-            )
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        post = self._posterior
-        return callback_state(
-            # a sharded posterior is added (gathered, or as DTensors) by on_save_checkpoint
-            posterior=post.state_dict() if post is not None and not post.is_sharded else None,
-            last_epoch=self._last_epoch,
-            last_step=self._last_step,
-            swa_schedulers=self._swa_lr.state_dict() if self._swa_lr is not None else [],
-            tracked=post.param_names if post is not None else None,
-        )
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = read_callback_state(state_dict)
-        whole = saved.posterior if saved.posterior is not None else saved.sharded
-        if whole is not None and whole["max_rank"] != self.max_rank:
-            rank_zero_warn(
-                f"SWAGCallback: the checkpoint's posterior has max_rank={whole['max_rank']} but the "
-                f"callback was built with max_rank={self.max_rank}; the checkpoint's value is kept."
-            )
-        if saved.sharded is not None:
-            pass  # on_load_checkpoint read this process's part from the distributed checkpoint
-        elif saved.posterior and self._shards_statistics():
-            self._posterior, self._pending_state = None, saved.posterior  # sharded in on_train_start
-        else:
-            self._posterior = (
-                SWAGPosterior.from_state_dict(saved.posterior, source="the checkpoint's SWAGCallback state")
-                if saved.posterior
-                else None
-            )
-        self._last_epoch = saved.last_epoch
-        self._last_step = saved.last_step
-        self._snapshot_step = -1
-        if self._swa_lr is not None:
-            self._swa_lr.load_state_dict(saved.swa_schedulers)
-
     # ------------------------------------------------------------------ internals
     def _after_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Ask :meth:`should_update` about every optimizer step since the last call (one snapshot at
@@ -462,7 +380,9 @@ class SWAGCallback(Callback):
         if self._posterior is None:
             self._posterior = self._new_posterior(pl_module)
         else:
-            self._warn_if_untracked_became_trainable(pl_module)
+            _warn_if_untracked_became_trainable(
+                self._posterior, pl_module, self.include, self._warned_untracked
+            )
         try:
             self._posterior.collect(pl_module)
         except FloatingPointError as err:
@@ -471,28 +391,6 @@ class SWAGCallback(Callback):
             trainer = pl_module._trainer
             where = f" at epoch {trainer.current_epoch}, global step {trainer.global_step}" if trainer else ""
             raise FloatingPointError(f"SWAGCallback{where}: {err}") from err
-
-    def _warn_if_untracked_became_trainable(self, pl_module: L.LightningModule) -> None:
-        """A parameter unfrozen after the first snapshot (``BackboneFinetuning``) cannot join a
-        posterior whose other statistics hold more snapshots: say so, once per parameter."""
-        assert self._posterior is not None
-        try:
-            selected = select_parameters(pl_module, self.include)
-        except ValueError:
-            return
-        tracked = set(self._posterior.param_shapes)
-        new = [name for name, _ in selected if name not in tracked and name not in self._warned_untracked]
-        if not new:
-            return
-        self._warned_untracked.update(new)
-        shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
-        rank_zero_warn(
-            f"SWAGCallback: {len(new)} parameter(s) became trainable after the first snapshot ({shown}) and are "
-            "NOT in the posterior, which was built from the parameters trainable at its first snapshot: BMA "
-            "keeps them at their final values. Start collecting after the last unfreezing (start_epoch), or "
-            "name them in include=[...] and keep them trainable from the first snapshot on.",
-            category=UserWarning,
-        )
 
 
 def _reference(obj: Any) -> Callable[[], Any]:
@@ -535,3 +433,30 @@ def _warn_about_weights_only_checkpoints(trainer: L.Trainer) -> None:
             "a fresh posterior). Use save_weights_only=False, or save the posterior with "
             "swag.posterior.save(path)."
         )
+
+
+def _warn_if_untracked_became_trainable(
+    posterior: SWAGPosterior,
+    pl_module: L.LightningModule,
+    include: Sequence[str] | str | None,
+    warned: set[str],
+) -> None:
+    """A parameter unfrozen after the first snapshot (``BackboneFinetuning``) cannot join a
+    posterior whose other statistics hold more snapshots: say so, once per parameter."""
+    try:
+        selected = select_parameters(pl_module, include)
+    except ValueError:
+        return
+    tracked = set(posterior.param_shapes)
+    new = [name for name, _ in selected if name not in tracked and name not in warned]
+    if not new:
+        return
+    warned.update(new)
+    shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+    rank_zero_warn(
+        f"SWAGCallback: {len(new)} parameter(s) became trainable after the first snapshot ({shown}) and are "
+        "NOT in the posterior, which was built from the parameters trainable at its first snapshot: BMA "
+        "keeps them at their final values. Start collecting after the last unfreezing (start_epoch), or "
+        "name them in include=[...] and keep them trainable from the first snapshot on.",
+        category=UserWarning,
+    )

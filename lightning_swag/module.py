@@ -12,52 +12,40 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-import lightning_swag.tuning as tuning
 from lightning_swag.batches import default_batch_inputs, default_batch_targets
-from lightning_swag.batchnorm import BatchNormRefresh, has_batchnorm
-from lightning_swag.checkpoint import (
-    MODULE_POSTERIORS_KEY,
-    add_module_extra_placeholder,
-    module_extra_state,
-    pop_module_extra_state,
-    posterior_states,
-    read_module_extra_state,
-    wrapped_model_state,
-)
 from lightning_swag.checkpoint_io import readable_checkpoint_errors
+from lightning_swag.evaluation import TestStepLogging
+from lightning_swag.execution import ExecutionChoices
+from lightning_swag.held_out import HeldOutTuning
 from lightning_swag.likelihoods import (
     Likelihood,
     LinkApprox,
     Noise,
     Task,
-    TestMetrics,
     infer_task,
     likelihood_for,
 )
 from lightning_swag.lockstep import Lockstep
+from lightning_swag.module_checkpoints import PosteriorCheckpoints
 from lightning_swag.options import Covariance, Option, PredictiveKind, check_option
 from lightning_swag.parameters import unwrap_model
 from lightning_swag.posterior import SWAGPosterior
 from lightning_swag.predictives import Predictive, RunState, build_predictive, stack_outputs
 from lightning_swag.runner import ExecutionPlan, MemoryFormat
-from lightning_swag.split import find_split
 from lightning_swag.vectorize import Vectorize
 from lightning_swag.weights import SamplingSpec, WeightStream, draw_run_seed
 
 __all__ = ["SWAGModule", "infer_task"]
 
-_PER_SAMPLE_KEYS = ("samples", "sample_variances")
 
-
-class SWAGModule(L.LightningModule):
+class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, ExecutionChoices, L.LightningModule):
     """Bayesian model averaging with SWAG posterior samples, for ``trainer.predict`` / ``trainer.test``.
 
     Args:
@@ -363,73 +351,6 @@ class SWAGModule(L.LightningModule):
             )
         return self._built
 
-    def _runner_options(self) -> dict[str, Any]:
-        split = self.split_forward
-        if split and self.bn_loader is not None and self._batchnorm_outside_split():
-            split = False
-            rank_zero_info(
-                "SWAGModule: the rest of the network is run for every sample too, because it has BatchNorm "
-                "layers that bn_loader refreshes."
-            )
-        return {
-            "output_transform": self.output_transform,
-            "vectorize": self.vectorize,
-            "memory_format": self.memory_format,
-            "split_forward": split,
-        }
-
-    def _batchnorm_outside_split(self) -> bool:
-        candidate = find_split(self.model, WeightStream(self._posteriors, self.model).tracked_names)
-        if candidate is None:
-            return True
-        inside = {id(m) for m in candidate.submodule.modules()}
-        return any(
-            has_batchnorm(m) and id(m) not in inside for m in self.model.modules() if not list(m.children())
-        )
-
-    def _batchnorm_refresh(self, posteriors: list[SWAGPosterior]) -> BatchNormRefresh | None:
-        if self.bn_loader is None or not has_batchnorm(self.model):
-            return None
-        if any(post.layout.forward_in_place for post in posteriors):
-            raise ValueError(
-                "SWAGModule: the BatchNorm refresh (bn_loader) is not supported with FSDP2-sharded models "
-                "yet; leave bn_loader unset, or predict with the unsharded model."
-            )
-        loader = _resolve_loader(self.bn_loader, "train")
-        return BatchNormRefresh(loader, self.bn_num_batches, self.batch_inputs, self._progress)
-
-    def _progress(
-        self, iterable: Iterable[Any], total: int | None, description: str = "SWAG: sampling weights"
-    ) -> Iterable[Any]:
-        """A progress bar over ``iterable`` while a Trainer with a progress bar runs this module
-        (global rank zero only), shown only when there is more than one step."""
-        trainer = self._trainer
-        show = (
-            trainer is not None
-            and trainer.progress_bar_callback is not None
-            and trainer.is_global_zero
-            and (total is None or total > 1)
-        )
-        if not show:
-            return iterable
-        from tqdm.auto import tqdm  # here: importing tqdm.auto warns in notebooks without ipywidgets
-
-        return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
-
-    def _warn_if_batchnorm_is_stale(self, posterior: Any) -> None:
-        if self.bn_loader is not None or not has_batchnorm(self.model):
-            return
-        if isinstance(posterior, SWAGPosterior) and self.split_forward:
-            candidate = find_split(self.model, [n for n in posterior.param_shapes])
-            if candidate is not None and not has_batchnorm(candidate.submodule):
-                return  # BatchNorm only before the sampled submodule: it never sees a sampled weight
-        warnings.warn(
-            f"SWAGModule: {type(self.model).__name__} has BatchNorm layers but no bn_loader was given, so "
-            "every weight sample is run with the running statistics of the trained model, which do not "
-            "match the sampled weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
-            stacklevel=3,
-        )
-
     # ------------------------------------------------------------------ runs
     @override
     def setup(self, stage: str) -> None:
@@ -456,229 +377,12 @@ class SWAGModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_run()
 
-    def _start_run(self) -> None:
-        """Every process draws the same weight samples (global rank 0's run seed), and processes whose
-        forward passes are collectives run the same number of them."""
-        self.reset_samples()
-        trainer = self.trainer
-        if self.seed is None:
-            self._run_seed = draw_run_seed(shared=trainer.world_size > 1)
-        predictive = self._predictive()
-        predictive.start_run(self._run_state())
-        collective = trainer.world_size > 1 and predictive.collective_forwards(self._spec())
-        counts = trainer.num_predict_batches if trainer.predicting else trainer.num_test_batches
-
-        def reduce_max(value: float) -> float:
-            return float(trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="max"))
-
-        if not self._lockstep.start(collective, float(sum(counts)), reduce_max):
-            rank_zero_warn(
-                "SWAGModule: a process has a dataloader without a length, so the processes cannot be kept "
-                "in step; with a sharded posterior give every process the same number of batches, or the "
-                "run hangs."
-            )
-
-    def _finish_run(self) -> None:
-        self._lockstep.finish(lambda x: self._summarize(x, keep_samples=False), self.trainer.global_rank)
-
-    # ------------------------------------------------------------------ test metrics
-    @override
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """BMA on a labelled batch; metrics are logged per test dataloader at the end of the epoch.
-
-        Classification, binary and multi-label: ``test_accuracy``, ``test_nll``, ``test_brier``,
-        ``test_ece`` (15 bins), ``test_entropy`` and ``test_mutual_information`` (dense outputs: per
-        element, skipping ``ignore_index``). Regression: ``test_rmse`` and ``test_mean_std``; with a
-        noise model the mixture's ``test_nll``, ``test_rmse``, ``test_crps``,
-        ``test_calibration_error``, ``test_mean_std`` and ``test_coverage_50/90/95``. With several
-        test dataloaders the names get Lightning's ``/dataloader_idx_<k>`` suffix, and each loader's
-        values are those of testing it alone.
-        """
-        targets = self.batch_targets(batch)
-        likelihood = self._likelihood()
-        out = self._summarize(
-            self.batch_inputs(batch), keep_samples=self.return_samples or likelihood.needs_samples
-        )
-        metrics = self._test_metrics_for(dataloader_idx, out, likelihood)
-        likelihood.update_test_metrics(metrics, out, targets)
-        for key, metric in metrics.logged.items():
-            self.log(
-                f"test_{key}",
-                metric,
-                on_step=False,
-                on_epoch=True,
-                metric_attribute=f"_test_metrics.{dataloader_idx}.logged.{key}",
-            )
-        return out if self.return_samples else {k: v for k, v in out.items() if k not in _PER_SAMPLE_KEYS}
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._test_metrics = nn.ModuleDict()
-
-    def _test_metrics_for(
-        self, dataloader_idx: int, out: dict[str, Tensor], likelihood: Likelihood
-    ) -> TestMetrics:
-        key = str(dataloader_idx)
-        if key not in self._test_metrics:
-            self._test_metrics[key] = likelihood.test_metrics(out).to(out["mean"].device)
-        return self._test_metrics[key]  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ held-out tuning
-    @torch.no_grad()
-    def tune_scale(
-        self,
-        dataloader: Iterable[Any] | L.LightningDataModule,
-        scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
-    ) -> dict[float, float]:
-        """Set ``scale`` to the candidate with the lowest predictive negative log-likelihood on held-out data.
-
-        The covariance scale trades calibration against sharpness, and the best value depends on
-        the model and the collection learning rate; choose it on a validation set, never on the
-        test set. Every candidate is scored with the same standard-normal draws (only their scale
-        differs). Classification scores the NLL of the BMA probabilities; regression needs a noise
-        model and scores the NLL of the predictive mixture. With a homoscedastic ``noise=σ``, σ is
-        refit by maximum likelihood for every candidate (scale and σ trade off) and the best pair is
-        kept.
-
-        Args:
-            dataloader: labelled held-out batches (read with :meth:`batch_inputs` and
-                :meth:`batch_targets`; kept in memory while the candidates are scored), or a
-                LightningDataModule whose ``val_dataloader`` is used.
-            scales: candidate scales (each ``>= 0``). A warning says so when the best one is the
-                largest (or the smallest non-zero) candidate.
-
-        Returns:
-            ``{scale: mean NLL}`` for every candidate.
-        """
-        likelihood = self._likelihood()
-        batches = self._held_out(dataloader, "tune_scale")
-        seed = self._current_seed()
-
-        def predict(inputs: Any, scale: float) -> dict[str, Tensor]:
-            self.scale = scale
-            self._run_seed = seed
-            return self._summarize(inputs, keep_samples=likelihood.needs_samples)
-
-        scores, best, fitted = tuning.tune_scale(predict, likelihood, batches, scales)
-        self.scale = best
-        if "noise" in fitted:
-            self.noise = fitted["noise"]
-        self._run_seed = seed
-        return scores
-
-    @torch.no_grad()
-    def fit_noise(self, dataloader: Iterable[Any] | L.LightningDataModule) -> float:
-        """Set a homoscedastic ``noise`` σ by maximum likelihood of the predictive mixture on held-out
-        data, and return it (regression; the weight samples are those of ``seed``).
-
-        The predictive is the mixture over weight samples of ``N(mean_s(x), σ²)``; σ maximises its
-        likelihood of the held-out targets (:func:`~lightning_swag.metrics.fit_gaussian_noise`).
-        Fit it on validation data, never on the test set.
-
-        Args:
-            dataloader: labelled held-out batches, or a LightningDataModule (its ``val_dataloader``).
-        """
-        if self.task != "regression":
-            raise ValueError(f"fit_noise is for regression; this module's task is {self.task!r}.")
-        if self.noise == "heteroscedastic":
-            raise ValueError(
-                "fit_noise fits a homoscedastic σ, but noise='heteroscedastic': the model predicts its own noise."
-            )
-        batches = self._held_out(dataloader, "fit_noise")
-        sigma = tuning.fit_noise(self.sample_outputs, batches)
-        self.noise = sigma
-        return sigma
-
-    def _held_out(self, dataloader: Any, what: str) -> list[tuple[Any, Any]]:
-        """The labelled batches of a loader or DataModule (its validation loader), on the model's device."""
-        self._require_posteriors()
-        device = next(iter(self.model.parameters())).device
-        batches = [
-            (
-                move_data_to_device(self.batch_inputs(batch), device),
-                move_data_to_device(self.batch_targets(batch), device),
-            )
-            for batch in _resolve_loader(dataloader, "val")
-        ]
-        if not batches:
-            raise ValueError(f"{what} got an empty dataloader.")
-        return batches
-
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def get_extra_state(self) -> dict[str, Any]:
-        """The whole posteriors' states, so that a ``SWAGModule`` nested in another LightningModule
-        keeps them in that module's checkpoint (sharded ones are gathered by
-        :meth:`on_save_checkpoint` instead, a collective)."""
-        if not self._posteriors or any(post.is_sharded for post in self._posteriors):
-            return module_extra_state([])
-        return module_extra_state([post.state_dict() for post in self._posteriors])
-
-    @override
-    def set_extra_state(self, state: Any) -> None:
-        states = read_module_extra_state(state)
-        if states:
-            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu") for s in states]
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        pop_module_extra_state(checkpoint.get("state_dict", {}))  # stored once, under its own key
-        # sharded posteriors are gathered to rank 0, which writes the checkpoint (a collective)
-        wholes = [post.gather(dst=0) for post in self._posteriors]
-        if all(whole is not None for whole in wholes):
-            checkpoint[MODULE_POSTERIORS_KEY] = [whole.state_dict() for whole in wholes if whole is not None]
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Accept a checkpoint of the wrapped model's own training run (with SWAGCallback state) as
-        well as a SWAGModule checkpoint: the model weights and the posterior(s) are restored."""
-        if checkpoint.get("state_dict"):
-            own = set(self.state_dict(keep_vars=True))
-            checkpoint["state_dict"] = dict(wrapped_model_state(checkpoint["state_dict"], own, "model."))
-        if "state_dict" in checkpoint:
-            add_module_extra_placeholder(checkpoint["state_dict"])
-        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        states = posterior_states(checkpoint)
-        if states:
-            if self._posteriors:
-                rank_zero_warn(
-                    f"SWAGModule: the checkpoint's {len(states)} posterior(s) replaces the posterior(s) given "
-                    "to SWAGModule; build SWAGModule(model, posterior=None) to restore from the checkpoint "
-                    "silently, or leave out ckpt_path to keep yours."
-                )
-            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu", source=source) for s in states]
-        elif not self._posteriors:
-            raise RuntimeError(_no_posterior_message(checkpoint))
-
     def _require_posteriors(self) -> None:
         if not self._posteriors:
             raise RuntimeError(
                 "SWAGModule has no posterior: pass posterior=swag.posterior, or restore it with "
                 "trainer.predict(module, ckpt_path=...) from a checkpoint written with SWAGCallback."
             )
-
-
-def _no_posterior_message(checkpoint: dict[str, Any]) -> str:
-    if "callbacks" not in checkpoint and "optimizer_states" not in checkpoint:
-        return (
-            "The checkpoint holds only weights (it was written with ModelCheckpoint(save_weights_only=True) or "
-            "trainer.save_checkpoint(..., weights_only=True)), and a weights-only checkpoint holds no callback "
-            "state, so no SWAG posterior. Save checkpoints with save_weights_only=False next to SWAGCallback, "
-            "or pass the posterior to SWAGModule (swag.posterior, or SWAGPosterior.load(path))."
-        )
-    return (
-        "The checkpoint holds no SWAG posterior (it was not saved by a Trainer with SWAGCallback, or before "
-        "the first snapshot), and SWAGModule was built without one."
-    )
-
-
-def _resolve_loader(source: Any, split: Literal["train", "val"]) -> Iterable[Any]:
-    """A loader, or a DataModule's training / validation loader."""
-    if isinstance(source, L.LightningDataModule):
-        source.prepare_data()
-        source.setup("fit")
-        return source.train_dataloader() if split == "train" else source.val_dataloader()
-    return source
 
 
 @contextmanager

@@ -5,7 +5,8 @@ Sample ``i`` of posterior ``j`` is sample ``i`` of the seed ``derive_seed(run se
 ``{name inside the model: [n, *shape]}`` on the model's device, every tensor in its own
 parameter's dtype. A posterior's layout turns its local columns into model tensors (a DDP slice
 joins the columns of all processes, a collective; FSDP2 shards stay local). When all samples fit in
-:data:`CACHE_BYTES` they are kept for the next batch of the same run. Plain torch.
+:data:`CACHE_BYTES` (and no ``chunk_size`` below ``num_samples`` bounds the memory to one chunk) they
+are kept for the next batch of the same run. Plain torch.
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ class WeightStream:
         return self.draw_dtype.itemsize * spec.num_samples * sum(post.num_params for post in self.posteriors)
 
     def fits_cache(self, spec: SamplingSpec) -> bool:
-        return self.total_bytes(spec) <= CACHE_BYTES
+        """Whether the run's samples are kept between batches: they fit :data:`CACHE_BYTES`, and no
+        explicit ``chunk_size`` smaller than ``num_samples`` asks for memory bounded by one chunk."""
+        bounded = spec.chunk_size is not None and spec.chunk_size < spec.num_samples
+        return not bounded and self.total_bytes(spec) <= CACHE_BYTES
 
     def chunks(
         self,

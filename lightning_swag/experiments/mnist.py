@@ -25,9 +25,11 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
 from lightning_swag.experiments.data import MNISTDataModule
@@ -99,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.subset, args.test_subset = args.subset or 6000, args.test_subset or 2000
         args.pretrain_epochs, args.collect_epochs, args.num_samples = 3, 3, 10
         args.every_n_epochs, args.every_n_steps = None, 10
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse option combinations that make no sense, as argparse errors."""
     if args.every_n_steps is not None and args.every_n_epochs is not None:
         parser.error("give --every-n-epochs or --every-n-steps, not both")
     if args.runs < 1:
@@ -107,7 +115,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers must be >= 1")
     if args.tune_scale and args.val_size < 1:
         parser.error("--tune-scale needs held-out images: add --val-size N (e.g. 5000)")
-    return args
 
 
 def _trainer(args: argparse.Namespace, epochs: int, callbacks: list) -> L.Trainer:
@@ -235,28 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "mutual_information": 0 * entropy,
         }
 
-    common = {"task": "classification", "seed": args.seed}
-    methods = {
-        "SGD": sgd_predict,
-        "SWA": SWAGModule(sgd_model, posterior, num_samples=1, scale=0.0, **common),
-        "SWAG-Diagonal": SWAGModule(
-            sgd_model,
-            posterior,
-            num_samples=args.num_samples,
-            scale=args.scale,
-            covariance="diagonal",
-            **common,
-        ),
-        "SWAG": SWAGModule(sgd_model, posterior, num_samples=args.num_samples, scale=args.scale, **common),
-    }
-    if args.runs > 1:
-        methods[f"MultiSWAG ({args.runs} runs)"] = SWAGModule(
-            sgd_model, [post for _, post in runs], num_samples=args.num_samples, scale=args.scale, **common
-        )
-    for extra in filter(None, args.scale_sweep.split(",")):
-        methods[f"SWAG (scale {float(extra):g})"] = SWAGModule(
-            sgd_model, posterior, num_samples=args.num_samples, scale=float(extra), **common
-        )
+    methods: dict[str, Any] = {"SGD": sgd_predict, **_bma_methods(args, sgd_model, runs)}
     eval_start = time.perf_counter()
     tuned = {}
     if args.tune_scale:
@@ -278,6 +264,33 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if not args.no_figures:
         save_figures(x_test, y_test, table, outputs, out_dir)
     return table
+
+
+def _bma_methods(args: argparse.Namespace, sgd_model: nn.Module, runs: list) -> dict[str, SWAGModule]:
+    """SWA, SWAG-Diagonal, SWAG, MultiSWAG and the scale-sweep rows, all over the first run's model."""
+    posterior = runs[0][1]
+    common = {"task": "classification", "seed": args.seed}
+    methods = {
+        "SWA": SWAGModule(sgd_model, posterior, num_samples=1, scale=0.0, **common),
+        "SWAG-Diagonal": SWAGModule(
+            sgd_model,
+            posterior,
+            num_samples=args.num_samples,
+            scale=args.scale,
+            covariance="diagonal",
+            **common,
+        ),
+        "SWAG": SWAGModule(sgd_model, posterior, num_samples=args.num_samples, scale=args.scale, **common),
+    }
+    if args.runs > 1:
+        methods[f"MultiSWAG ({args.runs} runs)"] = SWAGModule(
+            sgd_model, [post for _, post in runs], num_samples=args.num_samples, scale=args.scale, **common
+        )
+    for extra in filter(None, args.scale_sweep.split(",")):
+        methods[f"SWAG (scale {float(extra):g})"] = SWAGModule(
+            sgd_model, posterior, num_samples=args.num_samples, scale=float(extra), **common
+        )
+    return methods
 
 
 def save_figures(x_test, y_test, table, outputs, out_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -183,7 +184,6 @@ def plot_interval_bands(
     names = list(bands)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.4), sharey=True, squeeze=False)
     xg = _to_numpy(x_grid)
-    colours = ["tab:red", "tab:orange", "tab:olive"]
     for ax, name in zip(axes[0], names, strict=True):
         mean, intervals = bands[name]
         ax.plot(
@@ -195,17 +195,7 @@ def plot_interval_bands(
             alpha=0.6,
             label="observations",
         )
-        for i, level in enumerate(sorted(intervals, reverse=True)):
-            lower, upper = intervals[level]
-            ax.fill_between(
-                xg,
-                _to_numpy(lower),
-                _to_numpy(upper),
-                color=colours[i % 3],
-                alpha=0.25,
-                lw=0,
-                label=f"{100 * level:g}% interval",
-            )
+        _fill_intervals(ax, xg, intervals)
         ax.plot(xg, _to_numpy(mean), color="darkred", lw=1.2, label="predictive mean")
         if true_function is not None:
             ax.plot(
@@ -225,6 +215,22 @@ def plot_interval_bands(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _fill_intervals(ax: Any, xg: Any, intervals: Mapping[float, tuple[Tensor, Tensor]]) -> None:
+    """Shade each central interval, the widest first."""
+    colours = ["tab:red", "tab:orange", "tab:olive"]
+    for i, level in enumerate(sorted(intervals, reverse=True)):
+        lower, upper = intervals[level]
+        ax.fill_between(
+            xg,
+            _to_numpy(lower),
+            _to_numpy(upper),
+            color=colours[i % 3],
+            alpha=0.25,
+            lw=0,
+            label=f"{100 * level:g}% interval",
+        )
 
 
 def plot_std_decomposition(

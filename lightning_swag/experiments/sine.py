@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_swag import SWAGCallback, SWAGModule
+from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 from lightning_swag.experiments.data import SineDataModule, sine_function
 from lightning_swag.experiments.models import SineRegressor
 from lightning_swag.experiments.plots import plot_regression, save_figure
@@ -86,51 +86,60 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     fit_seconds = time.perf_counter() - start
     posterior = swag.posterior
     print(f"fit: {fit_seconds:.1f} s, {posterior}")
-
-    x_grid = datamodule.predict_x
-    x_test = datamodule.test_x
-    inside = x_grid.abs().squeeze(1) <= 5
-    metrics: dict[str, dict[str, float]] = {}
-    for name, (covariance, scale, num_samples) in METHODS.items():
-        bma = SWAGModule(
-            model,
-            posterior,
-            num_samples=num_samples or args.num_samples,
-            scale=args.scale if scale is None else scale,
-            covariance=covariance,
-            task="regression",
-            return_samples=True,
-            seed=args.seed,
-        )
-        grid = bma(x_grid)
-        bma.reset_samples()  # the test grid is predicted by the same weight samples
-        test_mean = bma(x_test)["mean"]
-        rmse = torch.sqrt(torch.mean((test_mean - sine_function(x_test)) ** 2)).item()
-        std_in = grid["std"][inside].mean().item()
-        std_out = grid["std"][~inside].mean().item()
-        metrics[name] = {
-            "rmse_vs_true_function": rmse,
-            "mean_std_inside": std_in,
-            "mean_std_outside": std_out,
-            "std_ratio_outside_inside": std_out / std_in if std_in > 0 else float("nan"),
-        }
-        title = {"swa": "SWA", "swag_diagonal": "SWAG-Diagonal", "swag": "SWAG"}[name]
-        fig = plot_regression(
-            datamodule.x,
-            datamodule.y,
-            x_grid,
-            grid["mean"],
-            grid["std"],
-            samples=grid["samples"],
-            title=f"{title}: RMSE {rmse:.3f}, std |x|≤5 {std_in:.2f}, |x|>5 {std_out:.2f}",
-            true_function=(x_grid, sine_function(x_grid)),
-        )
-        save_figure(fig, out_dir / f"{name}.png")
+    metrics = {name: _evaluate(name, model, posterior, datamodule, args, out_dir) for name in METHODS}
     metrics["run"] = {"fit_seconds": fit_seconds, "num_snapshots": float(posterior.num_snapshots)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for name, values in metrics.items():
         print(name, {k: round(v, 4) for k, v in values.items()})
     return metrics
+
+
+def _evaluate(
+    name: str,
+    model: SineRegressor,
+    posterior: SWAGPosterior,
+    datamodule: SineDataModule,
+    args: argparse.Namespace,
+    out_dir: Path,
+) -> dict[str, float]:
+    """One method of :data:`METHODS`: its metrics on the test grid, and its figure."""
+    covariance, scale, num_samples = METHODS[name]
+    bma = SWAGModule(
+        model,
+        posterior,
+        num_samples=num_samples or args.num_samples,
+        scale=args.scale if scale is None else scale,
+        covariance=covariance,
+        task="regression",
+        return_samples=True,
+        seed=args.seed,
+    )
+    x_grid, x_test = datamodule.predict_x, datamodule.test_x
+    inside = x_grid.abs().squeeze(1) <= 5
+    grid = bma(x_grid)
+    bma.reset_samples()  # the test grid is predicted by the same weight samples
+    test_mean = bma(x_test)["mean"]
+    rmse = torch.sqrt(torch.mean((test_mean - sine_function(x_test)) ** 2)).item()
+    std_in = grid["std"][inside].mean().item()
+    std_out = grid["std"][~inside].mean().item()
+    title = {"swa": "SWA", "swag_diagonal": "SWAG-Diagonal", "swag": "SWAG"}[name]
+    fig = plot_regression(
+        datamodule.x,
+        datamodule.y,
+        x_grid,
+        grid["mean"],
+        grid["std"],
+        samples=grid["samples"],
+        title=f"{title}: RMSE {rmse:.3f}, std |x|≤5 {std_in:.2f}, |x|>5 {std_out:.2f}",
+        true_function=(x_grid, sine_function(x_grid)),
+    )
+    save_figure(fig, out_dir / f"{name}.png")
+    return {
+        "rmse_vs_true_function": rmse,
+        "mean_std_inside": std_in,
+        "mean_std_outside": std_out,
+        "std_ratio_outside_inside": std_out / std_in if std_in > 0 else float("nan"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
