@@ -16,6 +16,7 @@ from lightning_swag.checkpoint import (
     SHARDED_DESCRIPTION_KEY,
     callback_state,
     read_callback_state,
+    saved_max_rank,
     sharded_statistics_prefix,
 )
 from lightning_swag.posterior import SWAGPosterior
@@ -82,9 +83,9 @@ class CallbackCheckpoints:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = read_callback_state(state_dict)
         whole = saved.posterior if saved.posterior is not None else saved.sharded
-        if whole is not None and whole["max_rank"] != self.max_rank:
+        if whole is not None and saved_max_rank(whole) != self.max_rank:
             rank_zero_warn(
-                f"SWAGCallback: the checkpoint's posterior has max_rank={whole['max_rank']} but the "
+                f"SWAGCallback: the checkpoint's posterior has max_rank={saved_max_rank(whole)} but the "
                 f"callback was built with max_rank={self.max_rank}; the checkpoint's value is kept."
             )
         if saved.sharded is not None:

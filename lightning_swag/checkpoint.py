@@ -353,6 +353,40 @@ def sharded_description(
     }
 
 
+@dataclass(frozen=True)
+class ShardedDescription:
+    """The fields of :func:`sharded_description`, read back."""
+
+    prefix: str
+    param_shapes: dict[str, torch.Size]
+    max_rank: int
+    num_snapshots: int
+    moment_dtype: torch.dtype
+    deviation_dtype: torch.dtype
+
+
+def read_sharded_description(description: Mapping[str, Any]) -> ShardedDescription:
+    """The fields of a stored :func:`sharded_description`."""
+    return ShardedDescription(
+        prefix=str(description["prefix"]),
+        param_shapes={n: torch.Size(s) for n, s in description["param_shapes"].items()},
+        max_rank=int(description["max_rank"]),
+        num_snapshots=int(description["num_snapshots"]),
+        moment_dtype=getattr(torch, description["moment_dtype"]),
+        deviation_dtype=getattr(torch, description["deviation_dtype"]),
+    )
+
+
+def saved_max_rank(state: Mapping[str, Any]) -> int:
+    """The ``max_rank`` of a stored posterior state or sharded description."""
+    return int(state["max_rank"])
+
+
+def has_snapshots(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint holds a posterior with at least one snapshot."""
+    return any(int(state.get("num_snapshots", 0)) > 0 for state in posterior_states(checkpoint))
+
+
 def posterior_state_from_entries(
     description: Mapping[str, Any], entries: Mapping[str, Any]
 ) -> dict[str, Any]:

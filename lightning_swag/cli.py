@@ -27,7 +27,7 @@ from typing_extensions import override
 # Imported so that jsonargparse resolves the short name ``--trainer.callbacks+=SWAGCallback``. Models
 # and DataModules are named by class path (``--model lightning_swag.experiments.models.SineRegressor``).
 from lightning_swag.callback import SWAGCallback  # noqa: F401
-from lightning_swag.checkpoint import posterior_states
+from lightning_swag.checkpoint import has_snapshots
 from lightning_swag.files import load_file
 from lightning_swag.likelihoods import infer_task
 from lightning_swag.module import SWAGModule
@@ -203,7 +203,7 @@ class SWAGLightningCLI(LightningCLI):
             checkpoint = load_file(ckpt_path, "checkpoint")
         except ValueError as err:
             parser.error(f"--ckpt_path: {err}", ex=err)
-        if not any(int(state.get("num_snapshots", 0)) > 0 for state in posterior_states(checkpoint)):
+        if not has_snapshots(checkpoint):
             parser.error(
                 f"--ckpt_path {ckpt_path!r} holds no SWAG posterior with snapshots: it was saved without "
                 "lightning_swag.SWAGCallback in trainer.callbacks, or before the callback's first snapshot "

@@ -22,6 +22,7 @@ from lightning_swag.checkpoint import (
     is_posterior_state,
     posterior_state_from_entries,
     read_posterior_state,
+    read_sharded_description,
     sharded_description,
     sharded_statistic_key,
 )
@@ -243,18 +244,19 @@ class PosteriorStorage:
         reads its own shards)."""
         reshard_fsdp(model)
         named = named_tracked(model)
-        names = list(description["param_shapes"])
+        saved = read_sharded_description(description)
+        names = list(saved.param_shapes)
         layout = FSDP2Layout.of_parameters([(n, named[n]) for n in names])
         post = cls(
-            description["param_shapes"],
-            int(description["max_rank"]),
-            moment_dtype=getattr(torch, description["moment_dtype"]),
-            deviation_dtype=getattr(torch, description["deviation_dtype"]),
+            saved.param_shapes,
+            saved.max_rank,
+            moment_dtype=saved.moment_dtype,
+            deviation_dtype=saved.deviation_dtype,
             device=device if device is not None else named[names[0]].device,
             layout=layout,
         )
-        load_checkpoint_views(post.sharded_state_dict(description["prefix"]), checkpoint)
-        post._stats.num_snapshots = int(description["num_snapshots"])
+        load_checkpoint_views(post.sharded_state_dict(saved.prefix), checkpoint)
+        post._stats.num_snapshots = saved.num_snapshots
         return post
 
     @classmethod

@@ -19,6 +19,7 @@ _LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorc
 _IGNORED_WARNINGS = (
     r".*You defined a `validation_step` but have no `val_dataloader`.*",
     r".*does not have many workers which may be a bottleneck.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's own use of torch's pytree
 )
 
 
