@@ -126,14 +126,15 @@ class WeightStream:
         them draws new samples. The drawn chunks are cached before ``prepare`` too, so samples drawn
         once at the start of a run (``SampledPredictive.start_run``, where drawing joins the DDP
         slices, a collective) are prepared later without drawing again. ``progress(iterator,
-        total)`` wraps the drawing of a cached run.
+        total)`` wraps the drawing (of a cached run once, else of every batch).
         """
         if self._prepared is not None and self._prepared[0] == (spec, run_seed, key):
             return self._prepared[1]
         if not self.fits_cache(spec):
             self.clear()
             drawn = self._draw_all(spec, run_seed)
-            return map(prepare, drawn) if prepare is not None else drawn
+            drawn = map(prepare, drawn) if prepare is not None else drawn
+            return progress(drawn, self.num_chunks(spec)) if progress is not None else drawn
         if self._drawn is None or self._drawn[0] != (spec, run_seed):
             drawn = self._draw_all(spec, run_seed)
             if progress is not None:
