@@ -72,10 +72,25 @@ def call_model(fn: Callable[..., Any], inputs: Any) -> Any:
     if isinstance(inputs, CallArguments):
         return fn(*inputs.args, **inputs.kwargs)
     if isinstance(inputs, Mapping):
-        return fn(**inputs)
+        try:
+            return fn(**inputs)
+        except TypeError as err:  # no signature inspection on the hot path: explain the failure only
+            if "keyword argument" in str(err) and any(f"'{key}'" in str(err) for key in inputs):
+                raise TypeError(_keyword_hint(inputs, err)) from err
+            raise
     if isinstance(inputs, tuple):
         return fn(*inputs)
     return fn(inputs)
+
+
+def _keyword_hint(inputs: Mapping[str, Any], err: TypeError) -> str:
+    return (
+        f"The model does not take the batch's entries {list(inputs)} as keyword arguments ({err}). "
+        "SWAGModule passes a mapping returned by batch_inputs as keyword arguments, model(**inputs) (the "
+        "Hugging Face convention). If forward takes the whole batch (forward(self, batch)), subclass "
+        "SWAGModule and override batch_inputs(batch) to return (batch,): a tuple is passed as positional "
+        "arguments, model(*inputs), so the mapping arrives as the one argument."
+    )
 
 
 def single_tensor(inputs: Any) -> Tensor | None:

@@ -35,6 +35,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_swag.batches import call_model, default_batch_inputs
+from lightning_swag.split import SplitUnavailable
 from lightning_swag.validation import check_batch_count
 from lightning_swag.vectorize import SampleMap, Vectorize, choose_vectorization
 
@@ -62,6 +63,35 @@ def _batchnorm_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has a BatchNorm layer with running statistics (which SWA/SWAG weights need refreshed)."""
     return bool(_batchnorm_modules(model))
+
+
+def batchnorm_downstream(model: nn.Module, tracked: Iterable[str], inputs: Any) -> list[str]:
+    """The BatchNorm layers of ``model`` that run at or after the first module owning a ``tracked``
+    parameter (names inside ``model``) in one forward pass on ``inputs`` (the model as it is, without
+    gradients): their inputs may depend on the sampled weights, so the running statistics of the
+    trained model do not match the samples."""
+    owners = {name.rpartition(".")[0] for name in tracked}
+    started: list[bool] = []
+    downstream: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name in owners:
+            handles.append(module.register_forward_pre_hook(lambda *_: started.append(True)))
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda *_, name=name: (
+                        downstream.append(name) if started and name not in downstream else None
+                    )
+                )
+            )
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return downstream
 
 
 def batchnorm_buffer_names(model: nn.Module) -> list[str]:
@@ -292,21 +322,25 @@ class BatchNormRefresh:
         batches: Iterable = self.loader
         if self.progress is not None:
             batches = self.progress(batches, total, "SWAG: BatchNorm refresh")
-        if split is None:
+        result = None
+        if split is not None:
+            try:
+                captured = _captured_inputs(model, split, batches, self.batch_inputs, limit)
+                inner = refresh_batchnorm_batched(
+                    split.submodule,
+                    split.relative(chunk),
+                    captured,
+                    None,
+                    batch_inputs=_same,
+                    vectorize=vectorize,
+                )
+                result = {f"{split.prefix}.{name}": value for name, value in inner.items()}
+            except SplitUnavailable:  # a training batch cannot take the split: refresh the whole model
+                result = None
+        if result is None:
             result = refresh_batchnorm_batched(
                 model, chunk, batches, self.num_batches, batch_inputs=self.batch_inputs, vectorize=vectorize
             )
-        else:
-            captured = _captured_inputs(model, split, batches, self.batch_inputs, limit)
-            inner = refresh_batchnorm_batched(
-                split.submodule,
-                split.relative(chunk),
-                captured,
-                None,
-                batch_inputs=_same,
-                vectorize=vectorize,
-            )
-            result = {f"{split.prefix}.{name}": value for name, value in inner.items()}
         self._cache[key] = result
         return result
 
@@ -321,15 +355,18 @@ def _same(batch: Any) -> Any:
 def _captured_inputs(
     model: nn.Module, split: Any, batches: Iterable, batch_inputs: BatchInputs, limit: int | None
 ):
-    """The split submodule's call arguments for each batch, computed with the model in train mode."""
+    """The split submodule's call arguments for each batch, computed with the model in train mode
+    (on copies of its buffers, which a train-mode BatchNorm updates); :class:`SplitUnavailable` when
+    a batch fails the split's checks."""
     device = next(iter(model.parameters())).device
     modes = [(module, module.training) for module in model.modules()]
     chosen = itertools.islice(batches, limit) if limit is not None else batches
+    weights = {name: p.detach() for name, p in model.named_parameters()}
     try:
         for batch in chosen:
             model.train()
-            with torch.no_grad():
-                yield split.capture(move_data_to_device(batch_inputs(batch), device))
+            state = {**weights, **{name: b.clone() for name, b in model.named_buffers()}}
+            yield split.capture(move_data_to_device(batch_inputs(batch), device), state)
     finally:
         for module, training in modes:
             module.training = training

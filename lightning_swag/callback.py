@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_swag.callback_checkpoints import CallbackCheckpoints
 from lightning_swag.checkpoint_io import readable_checkpoint_errors, restore_checkpoint_io
-from lightning_swag.parameters import check_include, select_parameters
+from lightning_swag.parameters import check_include, check_include_matches, select_parameters
 from lightning_swag.posterior import SWAGPosterior
 from lightning_swag.sharding import is_dtensor, reshard_fsdp
 from lightning_swag.swa_lr import SWALRSchedule
@@ -25,6 +25,8 @@ from lightning_swag.validation import check_choice, check_int, check_positive, p
 __all__ = ["SWAGCallback"]
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+_MODULE_LOGGING = ("log", "log_dict")
+"""The LightningModule's methods Lightning attaches to every callback (``callback_connector.py``)."""
 
 
 def _sharded_base(strategy: object) -> str | None:
@@ -109,6 +111,7 @@ class SWAGCallback(CallbackCheckpoints, Callback):
             SWAG; a tied weight matches through any of its names), or a preset: ``"trainable"``
             (the default, every parameter with ``requires_grad=True``) or ``"lora"`` (peft adapters
             and ``modules_to_save``; see :data:`~lightning_swag.parameters.INCLUDE_PRESETS`).
+            Patterns that match no parameter are an error when fit starts.
         moment_dtype: dtype of the mean and the sum of squared deviations (Welford updates keep
             float32 accurate; float64 is the default).
         deviation_dtype: dtype of the deviation buffer.
@@ -167,7 +170,6 @@ class SWAGCallback(CallbackCheckpoints, Callback):
         self._deviation_dtype = parse_dtype("deviation_dtype", deviation_dtype, owner=owner)
         check_positive("swa_lr", swa_lr, allow_none=True, owner=owner)
         check_choice("annealing_strategy", annealing_strategy, ("cos", "linear"), owner)
-        check_include(include)
         if device is not None:
             torch.device(device)  # raises a clear RuntimeError for a malformed device string
         self.start_epoch = start_epoch
@@ -175,7 +177,7 @@ class SWAGCallback(CallbackCheckpoints, Callback):
         self.every_n_epochs = None if every_n_steps is not None else (every_n_epochs or 1)
         self.max_rank = max_rank
         self.device = device
-        self.include = include if include is None or isinstance(include, str) else list(include)
+        self.include = check_include(include, owner)
         self.moment_dtype = moment_dtype
         self.deviation_dtype = deviation_dtype
         self.swa_lr = swa_lr
@@ -202,8 +204,9 @@ class SWAGCallback(CallbackCheckpoints, Callback):
             self._swa_lr.reset()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable (``ddp_spawn`` pickles the callbacks): the weak reference to the Trainer is dropped."""
-        state = self.__dict__.copy()
+        """Picklable (``ddp_spawn`` pickles the callbacks): the weak reference to the Trainer and the
+        LightningModule's ``log``/``log_dict`` that Lightning attaches to every callback are dropped."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _MODULE_LOGGING}
         state["_trainer_ref"] = None
         return state
 
@@ -270,6 +273,12 @@ class SWAGCallback(CallbackCheckpoints, Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         restore_checkpoint_io(trainer.strategy)
+        for name in _MODULE_LOGGING:  # bound methods of pl_module: they would keep it alive
+            self.__dict__.pop(name, None)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_include_matches(pl_module, self.include, "SWAGCallback")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

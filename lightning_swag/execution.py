@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_swag.batchnorm import BatchNormRefresh, has_batchnorm
+from lightning_swag.batchnorm import BatchNormRefresh, batchnorm_downstream, has_batchnorm
 from lightning_swag.held_out import resolve_loader
 from lightning_swag.posterior import SWAGPosterior
 from lightning_swag.split import find_split
@@ -78,18 +78,32 @@ class ExecutionChoices:
         return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
 
     def _warn_if_batchnorm_is_stale(self, posterior: Any) -> None:
+        self._batchnorm_order_unknown = False
         if self.bn_loader is not None or not has_batchnorm(self.model):
             return
         if isinstance(posterior, SWAGPosterior) and self.split_forward:
             candidate = find_split(self.model, [n for n in posterior.param_shapes])
             if candidate is not None and not has_batchnorm(candidate.submodule):
-                return  # BatchNorm only before the sampled submodule: it never sees a sampled weight
-        warnings.warn(
-            f"SWAGModule: {type(self.model).__name__} has BatchNorm layers but no bn_loader was given, so "
-            "every weight sample is run with the running statistics of the trained model, which do not "
-            "match the sampled weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
-            stacklevel=3,
-        )
+                # BatchNorm outside the sampled submodule is stale only where it runs after it: the
+                # first batch shows (_check_batchnorm_order).
+                self._batchnorm_order_unknown = True
+                return
+        _warn_stale_batchnorm(type(self.model).__name__, [])
+
+    def _check_batchnorm_order(self, inputs: Any) -> None:
+        """At the first batch, when construction could not tell: warn when a BatchNorm layer runs after
+        a tracked parameter (its inputs then depend on the samples). A kept split proves there is none
+        (the model's output is the sampled submodule's)."""
+        if not self._batchnorm_order_unknown:
+            return
+        self._batchnorm_order_unknown = False
+        plan = self.execution_plan
+        if self.bn_loader is not None or (plan is not None and plan.split is not None):
+            return
+        tracked = WeightStream(self._posteriors, self.model).tracked_names
+        late = batchnorm_downstream(self.model, tracked, inputs)
+        if late:
+            _warn_stale_batchnorm(type(self.model).__name__, late)
 
     def _start_run(self) -> None:
         """Every process draws the same weight samples (global rank 0's run seed), and processes whose
@@ -115,3 +129,13 @@ class ExecutionChoices:
 
     def _finish_run(self) -> None:
         self._lockstep.finish(lambda x: self._summarize(x, keep_samples=False), self.trainer.global_rank)
+
+
+def _warn_stale_batchnorm(model_name: str, layers: list[str]) -> None:
+    where = f" ({', '.join(repr(n) for n in layers)} after the sampled weights)" if layers else ""
+    warnings.warn(
+        f"SWAGModule: {model_name} has BatchNorm layers{where} but no bn_loader was given, so every weight "
+        "sample is run with the running statistics of the trained model, which do not match the sampled "
+        "weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
+        stacklevel=4,
+    )

@@ -10,7 +10,7 @@ held-out tuning and checkpoints.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,12 @@ from lightning_swag.vectorize import Vectorize
 from lightning_swag.weights import SamplingSpec, WeightStream, draw_run_seed
 
 __all__ = ["SWAGModule", "infer_task"]
+
+_STATE_DICT_GIVEN = (
+    "{what} is a state dict (a Mapping, e.g. posterior.state_dict()), not a SWAGPosterior. Build the "
+    "posterior from it first: SWAGModule(model, SWAGPosterior.from_state_dict(state)) (a file written "
+    "with posterior.save(path): SWAGPosterior.load(path))."
+)
 
 
 class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, ExecutionChoices, L.LightningModule):
@@ -173,7 +179,7 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
         self._likelihood()  # the task's options are checked together now
         self._warn_if_batchnorm_is_stale(posterior)
         if posterior is not None:
-            self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else list(posterior)
+            self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else posterior
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -199,9 +205,14 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
 
     @posteriors.setter
     def posteriors(self, posteriors: Sequence[SWAGPosterior]) -> None:
+        if isinstance(posteriors, Mapping):  # iterating it would give its keys
+            raise TypeError(_STATE_DICT_GIVEN.format(what="posterior"))
+        posteriors = list(posteriors)
         if not posteriors:
             raise ValueError("Give at least one SWAGPosterior.")
         for i, post in enumerate(posteriors):
+            if isinstance(post, Mapping):
+                raise TypeError(_STATE_DICT_GIVEN.format(what=f"posterior {i}"))
             if not isinstance(post, SWAGPosterior):
                 raise TypeError(f"posterior {i} is a {type(post).__name__}, not a SWAGPosterior.")
             if post.num_snapshots == 0:
@@ -223,7 +234,7 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
                 "start_epoch, every_n_epochs / every_n_steps).",
                 stacklevel=3,
             )
-        self._posteriors = list(posteriors)
+        self._posteriors = posteriors
         self._built = None
 
     @property
@@ -311,6 +322,7 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
         self._lockstep.record(x)
         with torch.no_grad(), _eval_mode(self.model):
             out = predictive.predict(x, self._run_state(), keep_samples)
+            self._check_batchnorm_order(x)
         return out
 
     def _run_state(self) -> RunState:

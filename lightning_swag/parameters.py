@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ __all__ = [
     "all_names",
     "canonical_name",
     "check_include",
+    "check_include_matches",
     "check_compatible",
     "named_tracked",
     "select_parameters",
@@ -73,29 +75,52 @@ def all_names(model: nn.Module) -> dict[str, list[str]]:
     return names
 
 
-def _patterns(include: Sequence[str] | str | None) -> tuple[str, ...] | None:
+def _patterns(include: Sequence[str] | str | None, owner: str | None = None) -> tuple[str, ...] | None:
     if isinstance(include, str) and include in INCLUDE_PRESETS:
         return INCLUDE_PRESETS[include]
     if include is None:
         return None
-    patterns = (include,) if isinstance(include, str) else tuple(include)
+    listed = isinstance(include, (Sequence, AbstractSet))
+    patterns = (include,) if isinstance(include, str) else tuple(include) if listed else ()
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        prefix = f"{owner}: " if owner else ""
         raise ValueError(
-            f"include must be a preset ({', '.join(map(repr, INCLUDE_PRESETS))}), a parameter name or pattern, "
-            f"a non-empty list of them, or None; got {include!r}."
+            f"{prefix}include must be a preset ({', '.join(map(repr, INCLUDE_PRESETS))}), a parameter name or "
+            f"pattern (e.g. 'head.*'), a non-empty list of them, or None; got {include!r} "
+            f"(a {type(include).__name__})."
         )
     return patterns
 
 
-def check_include(include: Sequence[str] | str | None) -> None:
-    """Raise a ``ValueError`` saying what is accepted unless ``include`` is a valid selection
-    (checked without a model, e.g. when ``SWAGCallback`` is built)."""
-    _patterns(include)
+def check_include(include: Sequence[str] | str | None, owner: str | None = None) -> list[str] | str | None:
+    """``include`` as kept (a preset or pattern string, a list of patterns, or ``None``); a
+    ``ValueError`` saying what is accepted unless it is a valid selection (checked without a model,
+    e.g. when ``SWAGCallback`` is built)."""
+    patterns = _patterns(include, owner)
+    return include if include is None or isinstance(include, str) else list(patterns or ())
 
 
 def _matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
     return any(
         fnmatch.fnmatchcase(name, pat) or name.startswith(pat + ".") for name in names for pat in patterns
+    )
+
+
+def check_include_matches(
+    model: nn.Module, include: Sequence[str] | str | None, owner: str | None = None
+) -> None:
+    """Raise a ``ValueError`` listing some of ``model``'s parameter names when ``include`` matches none
+    of them (trainable or not: a frozen backbone may be unfrozen before the first snapshot), so that a
+    typo is reported when fit starts, not at the first snapshot after the pre-training epochs."""
+    patterns = _patterns(include, owner)
+    aliases = all_names(model)
+    if patterns is None or any(_matches(names, patterns) for names in aliases.values()):
+        return
+    prefix = f"{owner}: " if owner else ""
+    some = ", ".join(list(aliases)[:10]) or "(none)"
+    raise ValueError(
+        f"{prefix}include={include!r} matches no parameter of {type(model).__name__}. Give names or shell "
+        f"patterns of its parameters (or module names), e.g. 'head.*'; some names are: {some}."
     )
 
 
@@ -155,5 +180,33 @@ def check_compatible(param_shapes: Mapping[str, torch.Size], model: nn.Module) -
         raise ValueError(
             f"The posterior ({num_params} weights in {len(param_shapes)} tensors) does not match "
             f"{type(model).__name__} ({model_params} weights): {'; '.join(details)}. "
-            "Use the posterior collected from this architecture."
+            + _prefix_hint(param_shapes, named)
         )
+
+
+def _prefix_hint(param_shapes: Mapping[str, torch.Size], named: Mapping[str, Tensor]) -> str:
+    """How to fix a mismatch: when the names differ only by a common prefix (a posterior collected on
+    a wrapper applied to the module it wraps, or the other way round), which module to pass."""
+    first = next(iter(param_shapes))
+    shapes = {n: p.shape for n, p in named.items()}
+    for name in named:
+        if first.endswith("." + name):  # the posterior's names carry a prefix the model's lack
+            prefix = first[: -len(name)]
+            if all(
+                n.startswith(prefix) and shapes.get(n[len(prefix) :]) == s for n, s in param_shapes.items()
+            ):
+                return (
+                    f"Its names are this model's with the prefix {prefix!r} (its {first!r} is "
+                    f"{first[len(prefix) :]!r} here): it was collected on a module that holds this one as "
+                    f"`{prefix[:-1]}`. Pass that outer module as model (e.g. the LightningModule SWAGCallback "
+                    "trained), not its submodule."
+                )
+        if name.endswith("." + first):  # the model's names carry a prefix the posterior's lack
+            prefix = name[: -len(first)]
+            if all(shapes.get(prefix + n) == s for n, s in param_shapes.items()):
+                return (
+                    f"This model's names are the posterior's with the prefix {prefix!r} (its {first!r} is "
+                    f"{name!r} here): it was collected on the submodule `{prefix[:-1]}`. Pass "
+                    f"that submodule as model (model.{prefix[:-1]}), not the module that holds it."
+                )
+    return "Use the posterior collected from this architecture."

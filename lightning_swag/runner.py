@@ -7,7 +7,8 @@ looped as :mod:`lightning_swag.vectorize` decides. It also owns the choices made
 
 * the memory layout: on a CPU, conv nets with 4-D inputs run channels-last (oneDNN's fast
   convolutions) when a trial forward shows the model accepts it (``memory_format``);
-* the split of a subset posterior, kept only when it reproduces the full path exactly;
+* the split of a subset posterior, kept only when it reproduces the full path exactly, and then
+  checked again on every batch (a batch that fails runs the whole model);
 * for FSDP2-sharded models (DTensor parameters: ``functional_call`` and ``vmap`` fail on them), each
   sample's shards are copied into the model's own shards, one sample at a time, and put back after.
 
@@ -28,10 +29,17 @@ from torch.func import functional_call
 
 from lightning_swag.batches import call_model, single_tensor
 from lightning_swag.sharding import reshard_fsdp
-from lightning_swag.split import SplitForward, find_split
+from lightning_swag.split import SplitForward, SplitUnavailable, find_split
 from lightning_swag.vectorize import OutputTypeError, SampleMap, Vectorize, choose_vectorization
 
-__all__ = ["ExecutionPlan", "MemoryFormat", "ModelRunner", "channels_last_in_place", "extract_output"]
+__all__ = [
+    "ExecutionPlan",
+    "MemoryFormat",
+    "ModelRunner",
+    "PreparedInputs",
+    "channels_last_in_place",
+    "extract_output",
+]
 
 MemoryFormat = Literal["auto", "channels_last", "preserve"]
 Chunk = dict[str, Tensor]
@@ -48,7 +56,22 @@ class ExecutionPlan:
     split: str | None
     """The submodule run under the weight samples, when the rest runs once per batch."""
     split_refused: str | None
-    """Why a proposed split was not used."""
+    """Why the proposed split was not used (at the first batch), or why the latest batch that fell
+    back to the whole model did."""
+    split_fallbacks: int = 0
+    """Batches that ran the whole model under every sample although the split was kept, because
+    their per-batch check failed (see :mod:`lightning_swag.split`)."""
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """A batch as the forward passes under the samples take it."""
+
+    inputs: Any
+    """What the module run under the samples is called with: the split submodule's captured call
+    arguments, or the model's inputs."""
+    split: SplitForward | None
+    """The split this batch takes (``None``: the whole model runs under every sample)."""
 
 
 def extract_output(raw: Any, transform: Callable[[Any], Any] | None, accepts_pairs: bool, owner: str) -> Any:
@@ -132,10 +155,11 @@ class ModelRunner:
             if isinstance(m, nn.Conv2d)
         }
         self._channels_last: bool | None = None
-        candidate = find_split(model, tracked) if split_forward and not in_place else None
+        candidate = find_split(model, tracked, self.extract) if split_forward and not in_place else None
         self._split_candidate = candidate
-        self.split: SplitForward | None = None
+        self._split: SplitForward | None = None
         self._split_refused: str | None = None
+        self._split_fallbacks = 0
         self._decided = False
 
     # ------------------------------------------------------------------ decisions at the first batch
@@ -145,14 +169,15 @@ class ModelRunner:
         return ExecutionPlan(
             vectorize=self._mapper.mode,
             channels_last=self._channels_last,
-            split=self.split.prefix if self.split is not None else None,
+            split=self._split.prefix if self._split is not None else None,
             split_refused=self._split_refused,
+            split_fallbacks=self._split_fallbacks,
         )
 
     @property
     def split_candidate(self) -> SplitForward | None:
         """The split that will be verified at the first batch (before it), or the one kept (after it)."""
-        return self.split if self._decided else self._split_candidate
+        return self._split if self._decided else self._split_candidate
 
     def decide(self, inputs: Any, mean_weights: Chunk | Callable[[], Chunk]) -> None:
         """Make the first-batch choices with the SWA mean ``mean_weights`` (model names, a one-sample
@@ -165,9 +190,9 @@ class ModelRunner:
         if candidate is not None:
             mean = mean_weights() if callable(mean_weights) else mean_weights
             tracked = {k: v[0] for k, v in mean.items()}
-            reason = candidate.verify(inputs, self._base(), tracked, self.extract)
+            reason = candidate.verify(self._layout(inputs), self._base(), tracked)
             if reason is None:
-                self.split = candidate
+                self._split = candidate
             else:
                 self._split_refused = reason
 
@@ -215,25 +240,36 @@ class ModelRunner:
             for name, v in chunk.items()
         }
 
-    def prepare_inputs(self, inputs: Any) -> Any:
-        """The batch's inputs as the forward passes take them: channels-last, and, for a split model, the
-        submodule's captured arguments (the rest of the network runs here, once)."""
+    def _layout(self, inputs: Any) -> Any:
+        """``inputs`` in the memory layout decided at the first batch."""
         tensor = single_tensor(inputs)
         if self._channels_last and tensor is not None and tensor.dim() == 4:
-            inputs = tensor.contiguous(memory_format=torch.channels_last)
-        if self.split is not None:
-            return self.split.capture(inputs)
+            return tensor.contiguous(memory_format=torch.channels_last)
         return inputs
 
-    def run(self, chunk: Chunk, inputs: Any, buffers: Mapping[str, Tensor]) -> Any:
-        """Outputs ``[n, B, ...]`` for the ``n`` samples of ``chunk`` on prepared ``inputs``."""
+    def prepare_inputs(self, inputs: Any) -> PreparedInputs:
+        """The batch's inputs as the forward passes take them: channels-last, and, when the split is
+        kept and this batch passes its checks, the submodule's captured arguments (the rest of the
+        network runs here, once); else the whole model runs under every sample."""
+        inputs = self._layout(inputs)
+        if self._split is not None:
+            try:
+                return PreparedInputs(self._split.capture(inputs), self._split)
+            except SplitUnavailable as why:
+                self._split_fallbacks += 1
+                self._split_refused = str(why)
+        return PreparedInputs(inputs, None)
+
+    def run(self, chunk: Chunk, prepared: PreparedInputs, buffers: Mapping[str, Tensor]) -> Any:
+        """Outputs ``[n, B, ...]`` for the ``n`` samples of ``chunk`` on ``prepared`` inputs."""
+        inputs, split = prepared.inputs, prepared.split
         if self.in_place:
             return self._run_in_place(chunk, inputs)
-        module = self.model if self.split is None else self.split.submodule
+        module = self.model if split is None else split.submodule
         base, aliases = self._state(module)
-        if self.split is not None:
-            chunk, buffers = self.split.relative(chunk), self.split.relative(buffers)
-        extract = self.extract if self.split is None else _identity
+        if split is not None:
+            chunk, buffers = split.relative(chunk), split.relative(buffers)
+        extract = self.extract if split is None else _identity
 
         def run_sample(weights: dict[str, Tensor], bufs: dict[str, Tensor], args: Any) -> Any:
             state = {**base, **weights, **bufs}

@@ -90,8 +90,10 @@ class WeightStream:
 
     @property
     def tracked_names(self) -> list[str]:
-        """The names inside the model of the tracked parameters (of the first posterior)."""
-        return [self._names[n] for n in self.posteriors[0].param_shapes]
+        """The names inside the model of the parameters any posterior tracks (MultiSWAG posteriors may
+        track different sets), in the model's order."""
+        tracked = {self._names[n] for post in self.posteriors for n in post.param_shapes}
+        return [n for n in self._dtypes if n in tracked]
 
     def chunk_size(self, post: SWAGPosterior, spec: SamplingSpec) -> int:
         if spec.chunk_size is not None:
@@ -152,8 +154,12 @@ class WeightStream:
         self._prepared = None
 
     def mean_weights(self) -> Chunk:
-        """The SWA mean of the first posterior as a one-sample chunk."""
-        return self._draw(self.posteriors[0], SamplingSpec(1, 0.0, True, 1), 0, 0)
+        """The SWA means as a one-sample chunk of every tracked parameter (where posteriors share a
+        parameter, the first one's)."""
+        merged: Chunk = {}
+        for post in reversed(self.posteriors):
+            merged.update(self._draw(post, SamplingSpec(1, 0.0, True, 1), 0, 0))
+        return merged
 
     def _draw_all(self, spec: SamplingSpec, run_seed: int) -> Iterator[Chunk]:
         for index, post in enumerate(self.posteriors):

@@ -41,10 +41,13 @@ class SWAGPredictionWriter(BasePredictionWriter):
     * ``indices`` ``[N]``: dataset index of each row, when the dataloader reports them (a
       ``torch.utils.data.DataLoader``); under DDP :func:`merge_predictions` uses them to put the
       per-process files back in dataset order and drop the rows the sampler repeated as padding;
-    * ``meta``: a dict (``.pt``) or a JSON string (``.npz``) with ``task``, ``total_samples``
-      (weight samples per prediction; files of 0.1 called it ``num_samples`` and still load),
+    * ``meta``: a dict (``.pt``) or a JSON string (``.npz``) with ``task``, ``predictive``
+      (``"sampled"`` or ``"linearized"``), ``link_approx`` (the linearised predictive's, else
+      ``None``), ``total_samples`` (weight samples per prediction: ``0`` for the linearised
+      predictive, which draws none; files of 0.1 called it ``num_samples`` and still load),
       ``scale``, ``covariance``, ``seed``, ``global_rank``, ``world_size``, ``dataloader_idx``,
-      ``num_rows``.
+      ``num_rows``. Files written before ``predictive`` was recorded have no ``predictive`` or
+      ``link_approx`` and load as they are.
 
     Rows of all batches are concatenated along dim 0 in prediction order. File names are
     ``<stem>[_dataloader<k>][_rank<r>][_batch<i>]<suffix>`` with ``filename = <stem><suffix>``:
@@ -173,9 +176,13 @@ class SWAGPredictionWriter(BasePredictionWriter):
         path = self._path(trainer, dataloader_idx, batch_idx)
         path.parent.mkdir(parents=True, exist_ok=True)
         num_rows = int(record["mean"].shape[0]) if "mean" in record else 0
+        predictive = getattr(pl_module, "predictive", None)
+        linearized = predictive == "linearized"
         meta: dict[str, Any] = {
             "task": infer_task(pl_module),
-            "total_samples": getattr(pl_module, "total_samples", None),
+            "predictive": predictive,
+            "link_approx": getattr(pl_module, "link_approx", None) if linearized else None,
+            "total_samples": 0 if linearized else getattr(pl_module, "total_samples", None),
             "scale": getattr(pl_module, "scale", None),
             "covariance": getattr(pl_module, "covariance", None),
             "seed": getattr(pl_module, "seed", None),

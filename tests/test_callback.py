@@ -307,3 +307,60 @@ def test_a_step_and_an_epoch_end_together_give_one_snapshot() -> None:
     swag, recorder = StepsAndEpochs(max_rank=3), WeightRecorder()
     _fit([swag, recorder], max_epochs=2)
     _assert_posterior_equals(swag.posterior, [recorder.by_step[s] for s in range(1, 9)], max_rank=3)
+
+
+# ---------------------------------------------------------------------- issue 25: errors and lifetime
+
+
+class _StepCounter(L.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+
+
+def test_an_include_that_matches_nothing_is_an_error_when_fit_starts() -> None:
+    counter = _StepCounter()
+    swag = SWAGCallback(start_epoch=3, include=["hed.*"])
+    with pytest.raises(ValueError, match=r"SWAGCallback: include=\['hed\.\*'\] matches no parameter") as err:
+        _fit([swag, counter], max_epochs=5)
+    assert "net.0.weight" in str(err.value)  # it lists names to choose from
+    assert counter.steps == 0  # not after the pre-training epochs
+
+
+def test_an_include_of_a_frozen_module_unfrozen_before_the_first_snapshot_is_accepted() -> None:
+    class Unfreeze(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            pl_module.net[2].requires_grad_(trainer.current_epoch >= 1)
+
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    model.net[2].requires_grad_(False)
+    swag = SWAGCallback(start_epoch=1, include=["net.2.*"])
+    _fit([Unfreeze(), swag], max_epochs=3, model=model)
+    assert swag.posterior.param_names == ["net.2.weight", "net.2.bias"]
+
+
+def test_a_fitted_callback_pickles_without_the_module_and_does_not_keep_it_alive() -> None:
+    import gc
+    import pickle
+    import weakref
+
+    class LocalRegressor(TinyRegressor):  # a class local to a function cannot be pickled
+        pass
+
+    torch.manual_seed(0)
+    swag = SWAGCallback(start_epoch=1, max_rank=2)
+    trainer, model = _fit([swag], max_epochs=3, model=LocalRegressor())
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(model)
+    restored = pickle.loads(pickle.dumps(swag))
+    assert torch.equal(restored.posterior.mean, swag.posterior.mean)
+    assert "log" not in vars(restored) and "log_dict" not in vars(restored)
+
+    module = weakref.ref(model)
+    del trainer, model
+    gc.collect()
+    assert module() is None
+    assert swag.posterior.num_snapshots == 2  # the posterior outlives the module

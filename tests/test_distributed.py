@@ -21,6 +21,7 @@ import torch
 from conftest import QUIET, TinyRegressor, run_two_process_script
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+from torch.utils.data import DataLoader
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
 
@@ -226,3 +227,27 @@ def test_ddp_predictions_of_the_mnist_datamodule_merge_to_each_test_row_once(mni
     )
     single = L.Trainer(**QUIET).predict(bma, dm.test_dataloader())
     torch.testing.assert_close(merged["mean"], torch.cat([b["mean"] for b in single]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- exact test metrics under DDP
+
+TEST_SCRIPT = Path(__file__).with_name("ddp_test_script.py")
+
+
+@pytest.mark.slow
+def test_the_guides_recipe_gives_ddp_test_metrics_of_every_row_once(tmp_path) -> None:
+    """37 rows on 2 processes: Lightning's default sampler scores a repeated row; the distributed guide's
+    recipe (no distributed sampler, an UnrepeatedDistributedSampler) gives the one-process metrics."""
+    import ddp_test_script as test_script
+
+    run_two_process_script([str(TEST_SCRIPT), str(tmp_path)], "DDP test", timeout=240)
+    metrics = _load(tmp_path / "metrics.pt")
+    single = L.Trainer(**QUIET).test(
+        test_script.swag_module(), DataLoader(test_script.test_set(), batch_size=test_script.BATCH_SIZE)
+    )[0]
+    assert set(metrics["exact"]) == set(single) and "test_nll" in single
+    for key, value in single.items():
+        assert metrics["exact"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert metrics["default"]["test_nll"] != pytest.approx(single["test_nll"], rel=1e-5)  # the repeated row
+    guide = (Path(__file__).parents[1] / "docs" / "guide" / "distributed.md").read_text()
+    assert "use_distributed_sampler=False" in guide and "UnrepeatedDistributedSampler" in guide

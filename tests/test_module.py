@@ -159,6 +159,18 @@ def test_errors_name_the_problem() -> None:
         SWAGModule(net)(torch.randn(2, 5))
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["one", "list"])
+def test_a_state_dict_given_as_posterior_says_how_to_load_it(as_list: bool) -> None:
+    net = _classifier()
+    post = _posterior_for(net)
+    state = post.state_dict()
+    with pytest.raises(TypeError, match="is a state dict") as err:
+        SWAGModule(net, [state] if as_list else state)
+    assert "SWAGPosterior.from_state_dict(state)" in str(err.value) and "is a str" not in str(err.value)
+    loaded = SWAGModule(net, SWAGPosterior.from_state_dict(state), seed=0)  # the fix the message gives
+    torch.testing.assert_close(loaded.posterior.mean, post.mean)
+
+
 def test_non_vmappable_model_falls_back_with_a_warning() -> None:
     class DataDependent(nn.Module):
         def __init__(self) -> None:

@@ -104,7 +104,7 @@ class SampledPredictive(Predictive):
             return {}
         model = self.runner.model
         return self.batchnorm.buffers(
-            model, chunk, key, self.runner.plan.vectorize or "auto", self.runner.split
+            model, chunk, key, self.runner.plan.vectorize or "auto", self.runner.split_candidate
         )
 
 
