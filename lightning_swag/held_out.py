@@ -69,8 +69,10 @@ class HeldOutTuning:
         """Set a homoscedastic ``noise`` σ by maximum likelihood of the predictive mixture on held-out
         data, and return it (regression; the weight samples are those of ``seed``).
 
-        The predictive is the mixture over weight samples of ``N(mean_s(x), σ²)``; σ maximises its
-        likelihood of the held-out targets (:func:`~lightning_swag.metrics.fit_gaussian_noise`).
+        The predictive is the mixture over weight samples of ``N(mean_s(x), σ²)`` or, for
+        ``predictive="linearized"`` (``link_approx="probit"``), over posteriors of
+        ``N(mean_j(x), linearised variance_j(x) + σ²)``; σ maximises its likelihood of the held-out
+        targets (:func:`~lightning_swag.metrics.fit_gaussian_noise`).
         Fit it on validation data, never on the test set.
 
         Args:
@@ -83,7 +85,7 @@ class HeldOutTuning:
                 "fit_noise fits a homoscedastic σ, but noise='heteroscedastic': the model predicts its own noise."
             )
         batches = self._held_out(dataloader, "fit_noise")
-        sigma = tuning.fit_noise(self.sample_outputs, batches)
+        sigma = tuning.fit_noise(self._components, batches)
         self.noise = sigma
         return sigma
 

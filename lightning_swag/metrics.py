@@ -676,30 +676,47 @@ def regression_metrics(
 
 
 def fit_gaussian_noise(
-    means: Tensor, targets: Tensor, grid_size: int = 64, tolerance: float = 1e-10
+    means: Tensor,
+    targets: Tensor,
+    variances: Tensor | None = None,
+    grid_size: int = 64,
+    tolerance: float = 1e-10,
 ) -> float:
-    """Maximum-likelihood homoscedastic noise ``σ`` of the mixture ``(1/S) Σ_s N(means[s], σ²)``.
+    """Maximum-likelihood homoscedastic noise ``σ`` of the mixture ``(1/S) Σ_s N(means[s], variances[s] + σ²)``.
 
-    Minimises :func:`gaussian_mixture_nll` over ``log σ``, deterministically. At every stationary
-    point ``σ²`` is a responsibility-weighted average of the squared residuals ``r²_sn`` (for each
-    point the weights over ``s`` sum to 1), so the minimum lies in
-    ``[sqrt(mean_n min_s r²), sqrt(mean_n max_s r²)]``; a ``grid_size``-point log-spaced grid over
-    that bracket locates it and golden-section search refines it to ``tolerance`` in ``log σ``.
-    With one sample (``S = 1``) this is the root mean squared residual.
+    Minimises :func:`gaussian_mixture_nll` over ``log σ``, deterministically. ``variances`` are the
+    components' own (epistemic) variances, e.g. those of the linearised predictive; ``None`` for
+    point components (weight samples). Without them, at every stationary point ``σ²`` is a
+    responsibility-weighted average of the squared residuals ``r²_sn`` (for each point the weights
+    over ``s`` sum to 1), so the minimum lies in ``[sqrt(mean_n min_s r²), sqrt(mean_n max_s r²)]``.
+    With them, ``σ²`` is a positively weighted average of ``r²_sn − v_sn``, so it lies in
+    ``[min (r² − v), max (r² − v)]`` (at least ``1e-8`` times the largest residual: the likelihood
+    may grow as σ → 0 when the variances exceed the residuals). A ``grid_size``-point log-spaced grid
+    over the bracket locates the minimum and golden-section search refines it to ``tolerance`` in
+    ``log σ``. With one sample (``S = 1``) and no variances this is the root mean squared residual.
 
     Args:
         means: per-sample predictive means on held-out data, ``[S, N, ...]``.
         targets: the held-out targets (``N·…`` elements).
+        variances: the components' variances, broadcastable to ``means`` (``>= 0``), or ``None``.
 
     Returns:
         σ as a float.
     """
     if grid_size < 3:
         raise ValueError(f"grid_size must be >= 3, got {grid_size}.")
-    m, _, y = _mixture_inputs(means, 0.0, targets)
+    m, v, y = _mixture_inputs(means, 0.0 if variances is None else variances, targets)
     squared = (y - m).square()
-    upper = float(squared.amax(dim=0).mean().sqrt())
-    lower = float(squared.amin(dim=0).mean().sqrt())
+    if variances is None:
+        upper = float(squared.amax(dim=0).mean().sqrt())
+        lower = float(squared.amin(dim=0).mean().sqrt())
+    else:
+        excess = squared - v
+        upper = math.sqrt(max(float(excess.max()), 0.0))
+        lower = math.sqrt(max(float(excess.min()), 0.0))
+        if math.isfinite(upper) and upper == 0:  # the variances explain every residual: σ at the floor
+            upper = float(squared.max().sqrt())
+            lower = upper * 1e-8
     if not math.isfinite(upper):
         raise ValueError("means or targets hold NaN or infinite values.")
     if upper == 0:
@@ -709,8 +726,7 @@ def fit_gaussian_noise(
     lower = max(lower, upper * 1e-8)  # the likelihood is unbounded only if residuals vanish
 
     def objective(log_sigma: float) -> float:
-        variance = torch.tensor(math.exp(2 * log_sigma), dtype=m.dtype, device=m.device)
-        return float(-_mixture_log_prob(m, variance.expand_as(m), y).mean())
+        return float(-_mixture_log_prob(m, v + math.exp(2 * log_sigma), y).mean())
 
     grid = torch.linspace(math.log(lower), math.log(upper), grid_size, dtype=torch.float64).tolist()
     values = [objective(t) for t in grid]

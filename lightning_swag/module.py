@@ -104,7 +104,8 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
             linear in the weights around the SWA mean: a Gaussian over the outputs, no weight
             samples; see :mod:`lightning_swag.predictives.linearized`).
         link_approx: how the linearised predictive averages a softmax or sigmoid: ``"probit"`` or
-            ``"mc"`` (``num_samples`` draws of the logits).
+            ``"mc"`` (the linearised outputs under the run's ``num_samples`` weight samples, the
+            same samples as the sampled predictive's).
         split_forward: for a posterior over one submodule whose output is the model's output (a
             head, the last block), run the rest of the network once per batch (checked at the first
             batch; see :mod:`lightning_swag.split`). ``False`` always runs the whole model.
@@ -245,7 +246,10 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
 
     @property
     def total_samples(self) -> int:
-        """Weight samples per prediction: ``num_samples`` times the number of posteriors."""
+        """Weight samples per prediction: ``num_samples`` times the number of posteriors (``0`` for the
+        linearised predictive in closed form, ``link_approx="probit"``, which draws none)."""
+        if not self._predictive().uses_weight_samples:
+            return 0
         return self.num_samples * len(self._posteriors)
 
     @property
@@ -281,16 +285,20 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
     @torch.no_grad()
     def sample_outputs(self, x: Any) -> Any:
         """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]`` (a pair of such
-        tensors when a heteroscedastic ``output_transform`` returns ``(mean, variance)``)."""
+        tensors when a heteroscedastic ``output_transform`` returns ``(mean, variance)``); the
+        linearised outputs under the same samples for ``predictive="linearized"``."""
         predictive = self._predictive()
-        outputs = getattr(predictive, "outputs", None)
-        if outputs is None:
-            raise ValueError(
-                f"predictive={self.predictive!r} has no weight samples; use predictive='sampled'."
-            )
         with _eval_mode(self.model):
             self._lockstep.record(x)
-            return stack_outputs(list(outputs(x, self._run_state())))
+            return stack_outputs(list(predictive.outputs(x, self._run_state())))
+
+    @torch.no_grad()
+    def _components(self, x: Any) -> tuple[Tensor, Tensor | None]:
+        """The predictive's components at ``x`` (see :meth:`Predictive.components`)."""
+        predictive = self._predictive()
+        with _eval_mode(self.model):
+            self._lockstep.record(x)
+            return predictive.components(x, self._run_state())
 
     def sample_components(self, x: Any) -> tuple[Tensor, Tensor]:
         """Per-weight-sample predictive means and noise variances ``[S, B, ...]`` of a regression with

@@ -68,19 +68,24 @@ def tune_scale(
     return scores, best, fitted[best]
 
 
-def fit_noise(sample_means: Callable[[Any], Tensor], batches: Batches) -> float:
+def fit_noise(components: Callable[[Any], tuple[Tensor, Tensor | None]], batches: Batches) -> float:
     """The maximum-likelihood homoscedastic noise σ of the predictive mixture on held-out batches.
 
     Args:
-        sample_means: ``sample_means(inputs)``: the per-sample predictive means ``[S, B, ...]``.
+        components: ``components(inputs)``: the means ``[S, B, ...]`` of the predictive's components
+            (one per weight sample, or one Gaussian per posterior) and their own variances of the
+            same shape (``None`` for weight samples); σ² is added to them.
         batches: held-out ``(inputs, targets)``.
     """
-    outputs = [sample_means(inputs) for inputs, _ in batches]
+    parts = [components(inputs) for inputs, _ in batches]
     targets = [
-        regression_targets(t, out[0]).reshape(-1) for (_, t), out in zip(batches, outputs, strict=True)
+        regression_targets(t, means[0]).reshape(-1) for (_, t), (means, _) in zip(batches, parts, strict=True)
     ]
-    means = torch.cat([out.reshape(out.shape[0], -1) for out in outputs], dim=1)
-    sigma = fit_gaussian_noise(means, torch.cat(targets))
+    means = torch.cat([m.reshape(m.shape[0], -1) for m, _ in parts], dim=1)
+    variances = None
+    if parts[0][1] is not None:
+        variances = torch.cat([v.reshape(v.shape[0], -1) for _, v in parts if v is not None], dim=1)
+    sigma = fit_gaussian_noise(means, torch.cat(targets), variances)
     if not math.isfinite(sigma):
         raise ValueError("fit_noise: the held-out outputs or targets hold NaN or infinite values.")
     return sigma

@@ -44,7 +44,7 @@ class SWAGPredictionWriter(BasePredictionWriter):
     * ``meta``: a dict (``.pt``) or a JSON string (``.npz``) with ``task``, ``predictive``
       (``"sampled"`` or ``"linearized"``), ``link_approx`` (the linearised predictive's, else
       ``None``), ``total_samples`` (weight samples per prediction: ``0`` for the linearised
-      predictive, which draws none; files of 0.1 called it ``num_samples`` and still load),
+      predictive with ``link_approx="probit"``, which draws none; files of 0.1 called it ``num_samples`` and still load),
       ``scale``, ``covariance``, ``seed``, ``global_rank``, ``world_size``, ``dataloader_idx``,
       ``num_rows``. Files written before ``predictive`` was recorded have no ``predictive`` or
       ``link_approx`` and load as they are.
@@ -177,12 +177,11 @@ class SWAGPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         num_rows = int(record["mean"].shape[0]) if "mean" in record else 0
         predictive = getattr(pl_module, "predictive", None)
-        linearized = predictive == "linearized"
         meta: dict[str, Any] = {
             "task": infer_task(pl_module),
             "predictive": predictive,
-            "link_approx": getattr(pl_module, "link_approx", None) if linearized else None,
-            "total_samples": 0 if linearized else getattr(pl_module, "total_samples", None),
+            "link_approx": getattr(pl_module, "link_approx", None) if predictive == "linearized" else None,
+            "total_samples": getattr(pl_module, "total_samples", None),
             "scale": getattr(pl_module, "scale", None),
             "covariance": getattr(pl_module, "covariance", None),
             "seed": getattr(pl_module, "seed", None),

@@ -348,6 +348,24 @@ def test_fit_noise_of_a_mixture_is_the_likelihood_maximum() -> None:
     assert float((responsibilities * squared).sum(0).mean()) == pytest.approx(sigma**2, rel=1e-7)
 
 
+def test_fit_noise_with_component_variances_is_the_likelihood_maximum() -> None:
+    means, variances, targets = random_mixture(num_samples=3, num_points=80, seed=14)
+    sigma = fit_gaussian_noise(means, targets, variances)
+    assert fit_gaussian_noise(means, targets, variances) == sigma  # deterministic
+    # A dense grid over log σ of the NLL of the mixture of N(m, v + σ²), written out here.
+    grid = torch.linspace(math.log(1e-3), math.log(5.0), 8001, dtype=torch.float64).exp()
+    total = variances.double()[None] + grid.reshape(-1, 1, 1).square()  # [G, S, N]
+    log_density = -0.5 * (
+        torch.log(2 * math.pi * total) + (targets.double() - means.double())[None].square() / total
+    )
+    nll = -(torch.logsumexp(log_density, dim=1) - math.log(3)).mean(dim=1)
+    best = float(grid[int(nll.argmin())])
+    assert sigma == pytest.approx(best, rel=2e-3)  # the grid spacing is 0.11%
+    assert float(gaussian_mixture_nll(means, variances + sigma**2, targets)) <= float(nll.min()) + 1e-12
+    # Variances that explain every residual: σ at the bottom of its bracket, no error.
+    assert fit_gaussian_noise(means, targets, variances + 100.0) < 1e-4
+
+
 def test_fit_noise_rejects_exact_predictions() -> None:
     means = torch.zeros(3, 4)
     with pytest.raises(ValueError, match="exactly"):

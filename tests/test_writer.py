@@ -42,11 +42,14 @@ def _write(tmp_path, **options) -> dict:
     return load_predictions(tmp_path / "p.npz")["meta"]
 
 
-def test_a_linearized_run_records_its_predictive_and_no_weight_samples(tmp_path) -> None:
-    meta = _write(tmp_path, predictive="linearized", link_approx="mc", num_samples=200)
-    assert meta["predictive"] == "linearized" and meta["link_approx"] == "mc"
-    assert meta["total_samples"] == 0  # it draws logits, not weight samples
+def test_a_linearized_run_records_its_predictive_and_its_weight_samples(tmp_path) -> None:
+    meta = _write(tmp_path / "probit", predictive="linearized", num_samples=200)
+    assert meta["predictive"] == "linearized" and meta["link_approx"] == "probit"
+    assert meta["total_samples"] == 0  # the closed form draws no weight samples
     assert meta["num_rows"] == 6
+    meta = _write(tmp_path / "mc", predictive="linearized", link_approx="mc", num_samples=200)
+    assert meta["link_approx"] == "mc"
+    assert meta["total_samples"] == 200  # the linearised outputs under 200 weight samples
 
 
 def test_a_sampled_run_records_its_weight_samples(tmp_path) -> None:

@@ -13,7 +13,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -23,7 +22,6 @@ __all__ = [
     "MetricValue",
     "Outputs",
     "TestMetrics",
-    "gaussian_draws",
     "mixture_of_probabilities",
     "values_of",
 ]
@@ -32,6 +30,8 @@ Outputs = Tensor | tuple[Tensor, Tensor]
 """The stacked outputs ``[S, B, ...]`` of a chunk of weight samples (a ``(mean, variance)`` pair of
 such tensors for a heteroscedastic ``output_transform``)."""
 LinkApprox = Literal["probit", "mc"]
+"""How the linearised predictive averages a nonlinear link: the closed form
+(:meth:`Likelihood.summarize_gaussian`) or the linearised outputs under weight samples."""
 
 
 class MetricValue(Metric):
@@ -109,18 +109,11 @@ class Likelihood(ABC):
         return {"samples": outputs} if isinstance(outputs, Tensor) else {"samples": outputs[0]}
 
     @abstractmethod
-    def summarize_gaussian(
-        self,
-        mean: Tensor,
-        variance: Tensor,
-        link_approx: LinkApprox,
-        num_samples: int,
-        generator: torch.Generator,
-    ) -> dict[str, Tensor]:
+    def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         """The BMA summary when the outputs are an equal-weight mixture of ``J`` Gaussians
         ``N(mean[j], diag(variance[j]))`` (``mean``, ``variance``: ``[J, B, ...]``; ``J > 1`` for
-        MultiSWAG), as the linearised predictive gives them; ``link_approx`` says how a nonlinear
-        link is averaged (``"probit"``, or ``"mc"`` with ``num_samples`` draws per Gaussian)."""
+        MultiSWAG), as the linearised predictive gives them, in closed form: the probit
+        approximation of a softmax or sigmoid, the exact Gaussian of a regression."""
 
     @abstractmethod
     def test_metrics(self, summary: Mapping[str, Tensor]) -> TestMetrics:
@@ -139,19 +132,3 @@ class Likelihood(ABC):
 
     def describe(self) -> str:
         return self.task
-
-
-def gaussian_draws(
-    mean: Tensor, variance: Tensor, num_samples: int, generator: torch.Generator
-) -> Iterable[Tensor]:
-    """Draws ``[n, B, ...]`` of the equal-weight mixture of the ``J`` Gaussians
-    ``N(mean[j], diag(variance[j]))`` (``mean``, ``variance``: ``[J, B, ...]``): ``num_samples``
-    of each component, in component order, a few at a time (memory bounded)."""
-    std = variance.sqrt()
-    per_chunk = max(1, min(num_samples, 2**24 // max(mean[0].numel(), 1)))
-    for component in range(mean.shape[0]):
-        for start in range(0, num_samples, per_chunk):
-            n = min(per_chunk, num_samples - start)
-            shape = (n, *mean.shape[1:])
-            noise = torch.randn(shape, generator=generator, dtype=mean.dtype, device=mean.device)
-            yield mean[component] + std[component] * noise

@@ -20,10 +20,8 @@ from torchmetrics import MeanMetric
 
 from lightning_swag.likelihoods.base import (
     Likelihood,
-    LinkApprox,
     Outputs,
     TestMetrics,
-    gaussian_draws,
     mixture_of_probabilities,
     values_of,
 )
@@ -78,16 +76,7 @@ class Binary(Likelihood):
             "mutual_information": mutual,
         }
 
-    def summarize_gaussian(
-        self,
-        mean: Tensor,
-        variance: Tensor,
-        link_approx: LinkApprox,
-        num_samples: int,
-        generator: torch.Generator,
-    ) -> dict[str, Tensor]:
-        if link_approx == "mc":
-            return self.summarize(gaussian_draws(mean, variance, num_samples, generator))
+    def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         probs = torch.sigmoid((mean / (1 + math.pi / 8 * variance).sqrt()).to(summary_dtype(mean)))
         return mixture_of_probabilities(probs, bernoulli_entropy)
 

@@ -19,10 +19,8 @@ from torchmetrics import MeanMetric
 
 from lightning_swag.likelihoods.base import (
     Likelihood,
-    LinkApprox,
     Outputs,
     TestMetrics,
-    gaussian_draws,
     mixture_of_probabilities,
     values_of,
 )
@@ -128,17 +126,8 @@ class Categorical(Likelihood):
             "mutual_information": mutual,
         }
 
-    def summarize_gaussian(
-        self,
-        mean: Tensor,
-        variance: Tensor,
-        link_approx: LinkApprox,
-        num_samples: int,
-        generator: torch.Generator,
-    ) -> dict[str, Tensor]:
+    def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         axis = self._axis(mean)
-        if link_approx == "mc":
-            return self.summarize(gaussian_draws(mean, variance, num_samples, generator))
         # The multi-class probit approximation (as laplace-torch): softmax(μ / √(1 + π/8 · σ²)).
         scaled = mean / (1 + math.pi / 8 * variance).sqrt()
         probs = torch.softmax(scaled.to(summary_dtype(mean)), dim=axis).movedim(axis, -1)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError
 
-from lightning_swag.likelihoods.base import Likelihood, LinkApprox, Outputs, TestMetrics, values_of
+from lightning_swag.likelihoods.base import Likelihood, Outputs, TestMetrics, values_of
 from lightning_swag.metrics import RegressionUncertaintyMetrics, fit_gaussian_noise, gaussian_mixture_nll
 from lightning_swag.summaries import RunningMean, RunningMoments, heteroscedastic_mean_variance
 
@@ -66,14 +66,7 @@ class Regression(Likelihood):
         assert moments.mean is not None and moments.variance is not None
         return {"mean": moments.mean, "std": moments.variance.sqrt_()}
 
-    def summarize_gaussian(
-        self,
-        mean: Tensor,
-        variance: Tensor,
-        link_approx: LinkApprox,
-        num_samples: int,
-        generator: torch.Generator,
-    ) -> dict[str, Tensor]:
+    def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         spread, centre = mean.var(dim=0, correction=0), mean.mean(dim=0)
         return {"mean": centre, "std": (variance.mean(dim=0) + spread).sqrt()}
 
@@ -116,14 +109,7 @@ class _Mixture(Likelihood):
         mean, variance = self.components(outputs)
         return {"samples": mean, "sample_variances": variance.expand_as(mean)}
 
-    def summarize_gaussian(
-        self,
-        mean: Tensor,
-        variance: Tensor,
-        link_approx: LinkApprox,
-        num_samples: int,
-        generator: torch.Generator,
-    ) -> dict[str, Tensor]:
+    def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         """The mixture of the ``J`` Gaussians over the outputs (one per posterior), each with the
         linearised variance of its mean output plus the noise variance: ``samples`` and
         ``sample_variances`` ``[J, B, ...]`` are its components."""
@@ -180,7 +166,8 @@ def _mixture_summary(mean: Tensor, epistemic_var: Tensor, aleatoric_var: Tensor)
 
 
 class GaussianNoise(_Mixture):
-    """Homoscedastic noise ``σ`` (``tune_scale`` refits it for every candidate scale, since the two trade off).
+    """Homoscedastic noise ``σ`` (``tune_scale`` refits it for every candidate scale, since the two trade
+    off, keeping the components' own variances: those of the linearised predictive).
 
     Args:
         sigma: the noise standard deviation, ``> 0``.
@@ -199,12 +186,13 @@ class GaussianNoise(_Mixture):
     def held_out_score(
         self, summaries: list[dict[str, Tensor]], targets: list[Any]
     ) -> tuple[float, dict[str, Any]]:
-        means, _, flat = self._stacked(summaries, targets)
-        if not bool(torch.isfinite(means).all()):
+        means, variances, flat = self._stacked(summaries, targets)
+        if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(variances).all())):
             return float("inf"), {}
-        sigma = fit_gaussian_noise(means, flat)
-        variances = torch.full((), sigma**2, dtype=means.dtype, device=means.device)
-        return float(gaussian_mixture_nll(means, variances, flat)), {"noise": sigma}
+        # the components' own variances: the linearised predictive's (weight samples have none)
+        epistemic = (variances - self.sigma**2).clamp_min(0)
+        sigma = fit_gaussian_noise(means, flat, epistemic if bool(epistemic.any()) else None)
+        return float(gaussian_mixture_nll(means, epistemic + sigma**2, flat)), {"noise": sigma}
 
 
 class Heteroscedastic(_Mixture):

@@ -50,5 +50,5 @@ def build_predictive(
         **runner_options,
     )
     if kind == "linearized":
-        return LinearizedPredictive(likelihood, stream, runner, link_approx)
+        return LinearizedPredictive(likelihood, stream, runner, batchnorm, link_approx)
     return SampledPredictive(likelihood, stream, runner, batchnorm, progress)
