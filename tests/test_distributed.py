@@ -249,5 +249,12 @@ def test_the_guides_recipe_gives_ddp_test_metrics_of_every_row_once(tmp_path) ->
     for key, value in single.items():
         assert metrics["exact"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert metrics["default"]["test_nll"] != pytest.approx(single["test_nll"], rel=1e-5)  # the repeated row
+    # the linearised predictive's mc draws are the weight samples of the seed: the same under DDP
+    linearized = L.Trainer(**QUIET).test(
+        test_script.swag_module(**test_script.LINEARIZED_MC),
+        DataLoader(test_script.test_set(), batch_size=test_script.BATCH_SIZE),
+    )[0]
+    for key, value in linearized.items():
+        assert metrics["linearized_mc"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     guide = (Path(__file__).parents[1] / "docs" / "guide" / "distributed.md").read_text()
     assert "use_distributed_sampler=False" in guide and "UnrepeatedDistributedSampler" in guide

@@ -634,8 +634,9 @@ def test_a_one_by_one_convolution_head_is_the_closed_form(dims: int) -> None:
 # ---------------------------------------------------------------------- models forward-mode AD cannot take (#25, case 9)
 def lora_bert(attention: str) -> nn.Module:
     """A tiny float64 BERT classifier (no download) with a LoRA adapter on the attention."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft  # the dev extra: no skip
+    import transformers
+
     config = transformers.BertConfig(
         vocab_size=30,
         hidden_size=8,
