@@ -8,13 +8,13 @@ experiment kit (reference data, models, figures) is ``lightning_swag.experiments
 imports it.
 """
 
-from lightning_swag import metrics, summaries
-from lightning_swag.batchnorm import refresh_batchnorm, refresh_batchnorm_batched
-from lightning_swag.callback import SWAGCallback
-from lightning_swag.likelihoods import infer_task
-from lightning_swag.module import SWAGModule
+from lightning_swag import metrics
+from lightning_swag.lightning.callback import SWAGCallback
+from lightning_swag.lightning.module import SWAGModule
+from lightning_swag.lightning.writer import SWAGPredictionWriter, load_predictions, merge_predictions
+from lightning_swag.likelihoods import infer_task, summaries
 from lightning_swag.posterior import SWAGPosterior
-from lightning_swag.writer import SWAGPredictionWriter, load_predictions, merge_predictions
+from lightning_swag.predictive.batchnorm import refresh_batchnorm, refresh_batchnorm_batched
 
 __all__ = [
     "SWAGCallback",

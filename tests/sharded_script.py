@@ -37,9 +37,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_swag.weights as swag_weights
+import lightning_swag.predictive.weights as swag_weights
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
-from lightning_swag.sharding import all_gather_columns, gather_columns, reshard_fsdp
+from lightning_swag.posterior.sharding import all_gather_columns, gather_columns, reshard_fsdp
 
 START_EPOCH, MAX_EPOCHS, CKPT_EPOCHS, MAX_RANK = 1, 5, 3, 3
 SEED, NUM_SAMPLES, CHUNK = 11, 6, 4

@@ -189,7 +189,7 @@ def test_ddp_predictions_of_the_mnist_datamodule_merge_to_each_test_row_once(mni
     import ddp_predict_mnist_script as mnist_script
 
     from lightning_swag.experiments.models import MNISTClassifier
-    from lightning_swag.writer import merge_predictions
+    from lightning_swag.lightning.writer import merge_predictions
 
     torch.manual_seed(0)
     model = MNISTClassifier()

@@ -12,38 +12,38 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_swag"
 
 CORE_MODULES = [
     "lightning_swag",
-    "lightning_swag.batches",
-    "lightning_swag.batchnorm",
-    "lightning_swag.callback",
-    "lightning_swag.callback_checkpoints",
-    "lightning_swag.checkpoint",
-    "lightning_swag.checkpoint_io",
-    "lightning_swag.cli",
-    "lightning_swag.evaluation",
-    "lightning_swag.execution",
-    "lightning_swag.files",
-    "lightning_swag.held_out",
-    "lightning_swag.lockstep",
+    "lightning_swag.predictive.batches",
+    "lightning_swag.predictive.batchnorm",
+    "lightning_swag.lightning.callback",
+    "lightning_swag.lightning.callback_state",
+    "lightning_swag.posterior.format",
+    "lightning_swag.lightning.checkpoint_io",
+    "lightning_swag.lightning.cli",
+    "lightning_swag.lightning.evaluation",
+    "lightning_swag.lightning.execution",
+    "lightning_swag.posterior.format",
+    "lightning_swag.lightning.held_out",
+    "lightning_swag.lightning.lockstep",
     "lightning_swag.metrics",
-    "lightning_swag.module",
-    "lightning_swag.module_checkpoints",
-    "lightning_swag.noise",
-    "lightning_swag.options",
-    "lightning_swag.parameters",
-    "lightning_swag.posterior",
-    "lightning_swag.runner",
-    "lightning_swag.sampling",
-    "lightning_swag.sharding",
-    "lightning_swag.split",
-    "lightning_swag.statistics",
-    "lightning_swag.storage",
-    "lightning_swag.summaries",
-    "lightning_swag.swa_lr",
-    "lightning_swag.tuning",
-    "lightning_swag.validation",
-    "lightning_swag.vectorize",
-    "lightning_swag.weights",
-    "lightning_swag.writer",
+    "lightning_swag.lightning.module",
+    "lightning_swag.lightning.module_checkpoints",
+    "lightning_swag.posterior.noise",
+    "lightning_swag.predictive.options",
+    "lightning_swag.posterior.parameters",
+    "lightning_swag.posterior.swag",
+    "lightning_swag.predictive.runner",
+    "lightning_swag.posterior.sampling",
+    "lightning_swag.posterior.sharding",
+    "lightning_swag.predictive.subset",
+    "lightning_swag.posterior.statistics",
+    "lightning_swag.posterior.storage",
+    "lightning_swag.likelihoods.summaries",
+    "lightning_swag.lightning.swa_lr",
+    "lightning_swag.predictive.tuning",
+    "lightning_swag.checks",
+    "lightning_swag.predictive.vectorize",
+    "lightning_swag.predictive.weights",
+    "lightning_swag.lightning.writer",
 ]
 
 
@@ -116,7 +116,11 @@ def test_the_posterior_is_plain_torch() -> None:
         assert third_party == {"torch"}, (name, third_party)
         internal = {
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-        } & {"lightning_swag.callback", "lightning_swag.module", "lightning_swag.cli"}
+        } & {
+            "lightning_swag.lightning.callback",
+            "lightning_swag.lightning.module",
+            "lightning_swag.lightning.cli",
+        }
         assert not internal, (name, internal)
 
 

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
-from lightning_swag.posterior import derive_seed
+from lightning_swag.posterior.swag import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -468,7 +468,7 @@ def test_trainer_predict_refuses_a_checkpoint_that_runs_code(
 def test_cli_predict_refuses_a_checkpoint_that_runs_code(
     where, sine_checkpoint, served, tmp_path, monkeypatch, capsys
 ) -> None:
-    from lightning_swag.cli import cli_main
+    from lightning_swag.lightning.cli import cli_main
 
     folder, address = served
     marker = tmp_path / "pwned.txt"

@@ -1,6 +1,6 @@
 """The experiment kit: reference data, models, plots and the two reference experiments.
 
-Everything here *uses* the core (``lightning_swag.posterior``, ``callback``, ``module``, ...) to
+Everything here *uses* the core (``lightning_swag.posterior.swag``, ``callback``, ``module``, ...) to
 reproduce and extend the reference notebook; the core never imports from here. It needs
 torchvision (MNIST) and matplotlib (figures), which the package installs by default.
 

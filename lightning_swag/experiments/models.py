@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_swag.batches import default_batch_inputs, default_batch_targets
-from lightning_swag.summaries import heteroscedastic_mean_variance
+from lightning_swag.likelihoods.summaries import heteroscedastic_mean_variance
+from lightning_swag.predictive.batches import default_batch_inputs, default_batch_targets
 
 OptimizerName = Literal["sgd", "adam"]
 

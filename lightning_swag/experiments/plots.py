@@ -245,7 +245,7 @@ def plot_std_decomposition(
     Args:
         x_grid: inputs ``[N, 1]`` (or ``[N]``).
         summaries: ``{method: summary}`` with ``std``, ``epistemic_std`` and ``aleatoric_std`` on
-            ``x_grid`` (the output of ``lightning_swag.summaries.summarize_gaussian_mixture``).
+            ``x_grid`` (the output of ``lightning_swag.likelihoods.summaries.summarize_gaussian_mixture``).
         true_noise: optional ``(x, σ(x))`` of the data's noise, drawn dashed.
         data_range: optional ``(low, high)`` of the training inputs, shaded grey outside.
         title: figure title.

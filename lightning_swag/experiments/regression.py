@@ -68,12 +68,12 @@ from lightning_swag.experiments.plots import (
     save_figure,
 )
 from lightning_swag.experiments.quiet import quiet_lightning
+from lightning_swag.likelihoods.summaries import heteroscedastic_mean_variance, summarize_gaussian_mixture
 from lightning_swag.metrics import (
     gaussian_mixture_quantile,
     regression_calibration_curve,
     regression_metrics,
 )
-from lightning_swag.summaries import heteroscedastic_mean_variance, summarize_gaussian_mixture
 
 Predictive = dict[str, Tensor]
 """A method's predictive on some inputs: the mixture summary (``mean``, ``std``, ``epistemic_std``,

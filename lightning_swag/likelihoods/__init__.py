@@ -47,7 +47,7 @@ def infer_task(model: Any) -> Task:
 
 
 def likelihood_for(task: Task, noise: Noise, class_dim: int | None, ignore_index: int) -> Likelihood:
-    """The likelihood of a task (options already checked by :mod:`lightning_swag.validation`)."""
+    """The likelihood of a task (options already checked by :mod:`lightning_swag.checks`)."""
     if task != "regression" and noise is not None:
         raise ValueError(
             f"noise={noise!r} is a noise model for regression, but task is {task!r}. Leave noise=None "

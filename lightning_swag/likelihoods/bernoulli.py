@@ -25,14 +25,14 @@ from lightning_swag.likelihoods.base import (
     mixture_of_probabilities,
     values_of,
 )
-from lightning_swag.metrics import EPS, BernoulliUncertaintyMetrics
-from lightning_swag.summaries import (
+from lightning_swag.likelihoods.summaries import (
     RunningMean,
     RunningMoments,
     bernoulli_entropy,
     sigmoid_with_entropy,
     summary_dtype,
 )
+from lightning_swag.metrics import EPS, BernoulliUncertaintyMetrics
 
 __all__ = ["Binary", "Multilabel"]
 

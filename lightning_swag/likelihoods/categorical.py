@@ -24,14 +24,14 @@ from lightning_swag.likelihoods.base import (
     mixture_of_probabilities,
     values_of,
 )
-from lightning_swag.metrics import EPS, UncertaintyMetrics
-from lightning_swag.summaries import (
+from lightning_swag.likelihoods.summaries import (
     RunningMean,
     RunningMoments,
     categorical_entropy,
     softmax_with_entropy,
     summary_dtype,
 )
+from lightning_swag.metrics import EPS, UncertaintyMetrics
 
 __all__ = ["Categorical"]
 

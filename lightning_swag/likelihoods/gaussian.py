@@ -23,8 +23,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError
 
 from lightning_swag.likelihoods.base import Likelihood, Outputs, TestMetrics, values_of
+from lightning_swag.likelihoods.summaries import RunningMean, RunningMoments, heteroscedastic_mean_variance
 from lightning_swag.metrics import RegressionUncertaintyMetrics, fit_gaussian_noise, gaussian_mixture_nll
-from lightning_swag.summaries import RunningMean, RunningMoments, heteroscedastic_mean_variance
 
 __all__ = ["GaussianNoise", "Heteroscedastic", "Regression", "regression_targets"]
 

@@ -1,0 +1,247 @@
+"""Subset posteriors: run the part of the network the posterior does not touch once per batch.
+
+When every tracked parameter lives in one submodule (a head, the last block, a classifier) and that
+submodule's output *is* the model's output, the rest of the network computes the same features for
+every weight sample. :class:`SplitForward` then runs the model once per batch and keeps the
+submodule's call arguments, and only the submodule runs under the weight samples.
+
+Whether that is right can change from batch to batch, so it is checked on **every** batch, during
+the one forward pass that captures the arguments (:meth:`SplitForward.capture`): the submodule must
+run exactly once, the model's (extracted) output must be the submodule's output object, and neither
+that output nor the submodule's tensor arguments may be changed in place after they were made
+(their version counters must not move: an in-place ReLU or ``clamp_`` after the head, or a head
+that changes its own inputs). A batch that fails runs the whole model under every sample instead.
+What cannot change from batch to batch (the submodule's inputs do not depend on the tracked
+weights, running it alone reproduces the model's output) is checked once, at the first batch, under
+perturbed tracked weights (:meth:`SplitForward.verify`).
+
+:func:`find_split` proposes the submodule. Plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_swag.posterior.parameters import all_names, canonical_name
+from lightning_swag.predictive.batches import CallArguments, call_model
+
+__all__ = ["SplitForward", "SplitUnavailable", "find_split"]
+
+
+class SplitUnavailable(Exception):  # noqa: N818 - a reason to take the whole model, not an error
+    """This batch (or this model) cannot take the split; the message says why."""
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The longest common module path of the modules owning ``names`` (``""`` when none)."""
+    parts = [name.split(".")[:-1] for name in names]  # the owning modules
+    prefix: list[str] = []
+    for segments in zip(*parts, strict=False):
+        if len(set(segments)) != 1:
+            break
+        prefix.append(segments[0])
+    return ".".join(prefix)
+
+
+def find_split(
+    model: nn.Module, tracked: Sequence[str], extract: Callable[[Any], Any] | None = None
+) -> SplitForward | None:
+    """The smallest submodule that owns every tracked parameter (names inside ``model``), when it is
+    not the model itself and no tracked tensor is shared with a module outside it (weight tying).
+    ``extract`` maps the model's raw output to the tensor that is averaged (default: as it is)."""
+    prefix = _common_prefix(tracked)
+    if not prefix:
+        return None
+    inside = prefix + "."
+    canonical_tracked = {canonical_name(n) for n in tracked}
+    for names in all_names(model).values():
+        if canonical_tracked.intersection(names) and not all(
+            n.startswith(canonical_name(inside)) for n in names
+        ):
+            return None  # a tied tensor is also used outside the submodule
+    try:
+        submodule = model.get_submodule(prefix)
+    except AttributeError:
+        return None
+    return SplitForward(model, prefix, submodule, extract)
+
+
+class _CallRecord:
+    """What the hooks on the submodule see during one forward pass of the model."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.arguments = CallArguments((), {})
+        self.versions: list[int] = []
+        self.output: Any = None
+        self.output_version = -1
+
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls += 1
+        self.arguments = CallArguments(tuple(args), dict(kwargs))
+        self.versions = _versions(self.arguments)
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self.output = output
+        self.output_version = output._version if isinstance(output, Tensor) else -1
+
+    def arguments_for(self, full: Any, prefix: str) -> CallArguments:
+        """The captured arguments when the model's output ``full`` is the submodule's, untouched."""
+        if self.calls != 1:
+            raise SplitUnavailable(f"{prefix!r} runs {self.calls} times in one forward pass")
+        if not isinstance(full, Tensor) or full is not self.output:
+            raise SplitUnavailable(
+                f"the model's output is not the output of {prefix!r} (it is changed after it)"
+            )
+        if full._version != self.output_version:
+            raise SplitUnavailable(f"the output of {prefix!r} is changed in place after it runs")
+        if _versions(self.arguments) != self.versions:
+            raise SplitUnavailable(f"the inputs of {prefix!r} are changed in place during or after it")
+        return self.arguments
+
+
+class SplitForward:
+    """The model cut at ``submodule`` (see the module docstring).
+
+    Args:
+        model: the whole network.
+        prefix: the submodule's name inside ``model``.
+        submodule: ``model.get_submodule(prefix)``.
+        extract: maps the model's raw output to the tensor that is averaged (default: as it is).
+    """
+
+    def __init__(
+        self, model: nn.Module, prefix: str, submodule: nn.Module, extract: Callable[[Any], Any] | None = None
+    ) -> None:
+        self.model = model
+        self.prefix = prefix
+        self.submodule = submodule
+        self.extract = extract if extract is not None else _identity
+
+    def relative(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` named inside the submodule (the model's names without the prefix); others dropped."""
+        start = len(self.prefix) + 1
+        return {name[start:]: value for name, value in tensors.items() if name.startswith(self.prefix + ".")}
+
+    def capture(self, inputs: Any, weights: Mapping[str, Tensor] | None = None) -> CallArguments:
+        """Run the whole model once on ``inputs`` (under ``weights``, all its tensors by name, or its
+        own) and return the submodule's call arguments; :class:`SplitUnavailable` when this batch
+        cannot take the split (see the module docstring).
+
+        The pass runs outside inference mode (inference tensors have no version counter; inputs that
+        are inference tensors are copied) and without gradients. Buffers passed in ``weights`` are
+        the ones a train-mode BatchNorm updates, never the model's own.
+        """
+        record = _CallRecord()
+        pre = self.submodule.register_forward_pre_hook(record.before, with_kwargs=True)
+        post = self.submodule.register_forward_hook(record.after, with_kwargs=True)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                normal = _without_inference_tensors(inputs)
+                if weights is None:
+                    raw = call_model(self.model, normal)
+                else:
+                    raw = call_model(lambda *a, **k: functional_call(self.model, dict(weights), a, k), normal)
+                full = self.extract(raw)
+        finally:
+            pre.remove()
+            post.remove()
+        return record.arguments_for(full, self.prefix)
+
+    def verify(self, inputs: Any, base: Mapping[str, Tensor], tracked: Mapping[str, Tensor]) -> str | None:
+        """Why the split path cannot replace the full one for this model, or ``None`` when it can.
+
+        ``base`` holds every parameter and buffer of the model, ``tracked`` the SWA mean of the
+        tracked ones (model names, no sample dimension). The whole model runs under a perturbed copy
+        of ``tracked`` (see :func:`_perturbed`), so that a body that reads the tracked weights shows
+        even when the model holds the SWA mean: the per-batch checks of :meth:`capture` must pass,
+        the submodule's arguments must be those captured with the model's own weights (they do not
+        depend on the tracked weights), and the submodule run alone on them must give exactly the
+        model's output.
+        """
+        weights = {**base, **_perturbed(tracked)}
+        try:
+            own = self.capture(inputs)
+            arguments = self.capture(inputs, weights)
+        except SplitUnavailable as why:
+            return str(why)
+        if not _same_values(arguments, own):
+            return (
+                f"the inputs of {self.prefix!r} depend on the tracked weights (or the forward pass is not "
+                "deterministic)"
+            )
+        with torch.inference_mode(False), torch.no_grad():
+            normal = _without_inference_tensors(inputs)
+            full = self.extract(
+                call_model(lambda *a, **k: functional_call(self.model, weights, a, k), normal)
+            )
+            alone = functional_call(self.submodule, self.relative(weights), arguments.args, arguments.kwargs)
+        if not isinstance(alone, Tensor) or alone.shape != full.shape or not torch.equal(alone, full):
+            return f"running {self.prefix!r} alone does not reproduce the model's output"
+        return None
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _perturbed(tracked: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tracked`` moved by a small deterministic amount (1% of ``1 + |w|``), never onto the model's
+    own weights."""
+    return {name: w + 0.01 * (1 + w.abs()) for name, w in tracked.items()}
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors inside nested tuples, lists and mappings, in order."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _versions(arguments: CallArguments) -> list[int]:
+    return [t._version for t in _tensors((arguments.args, arguments.kwargs))]
+
+
+def _without_inference_tensors(value: Any) -> Any:
+    """``value`` with its inference tensors copied to normal ones (nested tuples, lists, mappings, a
+    mapping as a dict); other values as they are."""
+    if isinstance(value, Tensor):
+        return value.clone() if torch.is_inference(value) else value
+    if isinstance(value, CallArguments):
+        return CallArguments(_without_inference_tensors(value.args), _without_inference_tensors(value.kwargs))
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_without_inference_tensors(v) for v in value)
+    if isinstance(value, Mapping):  # passed as keyword arguments: a dict serves
+        return {k: _without_inference_tensors(v) for k, v in value.items()}
+    return value
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two call arguments (nested tuples, lists, dicts of tensors and plain values) are equal,
+    tensors element for element."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are taken as different
+        return False

@@ -1,0 +1,65 @@
+"""The batch layout: a mapping input the model does not take as keyword arguments gets an error that
+says how SWAGModule passes it and how to pass it otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_walk_posterior
+from torch import nn
+
+from lightning_swag import SWAGModule
+from lightning_swag.predictive.batches import call_model
+
+
+class WholeBatchModel(nn.Module):
+    """A model whose forward takes the whole (dict) batch, as many LightningModules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lin(batch["input_ids"])
+
+
+class WholeBatchSWAG(SWAGModule):
+    """The documented fix: a tuple is passed as positional arguments, so the mapping arrives whole."""
+
+    def batch_inputs(self, batch):
+        return (batch,)
+
+
+def _model_and_posterior() -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = WholeBatchModel()
+    return model, random_walk_posterior(model)
+
+
+def test_a_mapping_the_forward_does_not_take_as_keywords_says_how_to_pass_it() -> None:
+    model, post = _model_and_posterior()
+    batch = {"input_ids": torch.randn(4, 3), "labels": torch.zeros(4, 2)}
+    bma = SWAGModule(model, post, task="regression", num_samples=3, seed=0)
+    with pytest.raises(TypeError, match="keyword arguments") as err:
+        bma.predict_step(batch, 0)
+    message = str(err.value)
+    assert "model(**inputs)" in message and "['input_ids']" in message
+    assert "override batch_inputs" in message and "(batch,)" in message
+    assert isinstance(err.value.__cause__, TypeError)  # the original error is chained
+    assert "unexpected keyword argument 'input_ids'" in str(err.value.__cause__)
+
+    # and the fix the message gives works: the same BMA as calling the model on the whole batch
+    fixed = WholeBatchSWAG(model, post, task="regression", num_samples=3, seed=0, scale=0.0)
+    out = fixed.predict_step(batch, 0)
+    with torch.no_grad():
+        post.load_into(model)
+        torch.testing.assert_close(out["mean"], model(batch))
+
+
+def test_other_type_errors_of_the_model_pass_through_unchanged() -> None:
+    def forward(**inputs: torch.Tensor) -> torch.Tensor:
+        raise TypeError("unsupported operand type(s) for +: 'Tensor' and 'str'")
+
+    with pytest.raises(TypeError, match="^unsupported operand") as err:
+        call_model(forward, {"x": torch.zeros(1)})
+    assert err.value.__cause__ is None
