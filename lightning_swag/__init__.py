@@ -2,21 +2,23 @@
 
 ``SWAGCallback`` collects a Gaussian posterior over the weights during ``trainer.fit``;
 ``SWAGModule`` runs Bayesian model averaging over posterior samples in ``trainer.predict`` and
-``trainer.test``. The public API is what this module exports (``__all__``), plus the modules
-``metrics`` (uncertainty metrics) and ``summaries`` (BMA summaries of per-sample outputs). The
-experiment kit (reference data, models, figures) is ``lightning_swag.experiments``; the core never
-imports it.
+``trainer.test``; ``BMA`` is the same averaging in plain torch, for use without a Trainer. The
+public API is what this module exports (``__all__``), plus the modules ``metrics`` (uncertainty
+metrics) and ``likelihoods.summaries`` (BMA summaries of per-sample outputs). The experiment kit
+(reference data, models, figures) is ``lightning_swag.experiments``; the core never imports it.
 """
 
 from lightning_swag import metrics
 from lightning_swag.lightning.callback import SWAGCallback
 from lightning_swag.lightning.module import SWAGModule
 from lightning_swag.lightning.writer import SWAGPredictionWriter, load_predictions, merge_predictions
-from lightning_swag.likelihoods import infer_task, summaries
+from lightning_swag.likelihoods import infer_task
 from lightning_swag.posterior import SWAGPosterior
 from lightning_swag.predictive.batchnorm import refresh_batchnorm, refresh_batchnorm_batched
+from lightning_swag.predictive.bma import BMA
 
 __all__ = [
+    "BMA",
     "SWAGCallback",
     "SWAGModule",
     "SWAGPosterior",
@@ -27,6 +29,5 @@ __all__ = [
     "metrics",
     "refresh_batchnorm",
     "refresh_batchnorm_batched",
-    "summaries",
 ]
 __version__ = "0.1.0.dev0"

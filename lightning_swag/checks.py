@@ -17,6 +17,7 @@ __all__ = [
     "MAX_SEED",
     "check_batch_count",
     "check_choice",
+    "check_class_dim",
     "check_int",
     "check_positive",
     "check_scale",
@@ -75,6 +76,13 @@ def check_positive(
         extra = " or None" if allow_none else ""
         raise ValueError(f"{_prefix(owner)}{name} must be a finite number > 0{extra}, got {value!r}.")
     return float(value)
+
+
+def check_class_dim(value: Any) -> int | None:
+    """``None`` or a non-zero int: the class dimension of dense classification outputs."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0):
+        raise ValueError(f"class_dim must be None or a non-zero int (1 or -1), got {value!r}.")
+    return value
 
 
 def check_seed(value: Any, *, allow_none: bool = True, owner: str | None = None) -> int | None:

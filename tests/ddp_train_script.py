@@ -136,7 +136,7 @@ def main(out: Path) -> None:
     torch.manual_seed(1000 + rank)  # scripts may seed; the library never does
     unseeded = SWAGModule(model, swag.posterior, num_samples=NUM_SAMPLES, task="classification")
     L.Trainer(**QUIET).predict(unseeded, predict_loader(), return_predictions=False)
-    torch.save({"run_seed": unseeded._run_seed}, out / f"unseeded_rank{rank}.pt")
+    torch.save({"run_seed": unseeded.engine.current_seed()}, out / f"unseeded_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,11 @@ class Writer(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         torch.save(
-            {"predictions": predictions, "batch_indices": batch_indices, "run_seed": pl_module._run_seed},
+            {
+                "predictions": predictions,
+                "batch_indices": batch_indices,
+                "run_seed": pl_module.engine.current_seed(),
+            },
             self.path,
         )
 

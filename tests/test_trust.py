@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior
-from lightning_swag.posterior.swag import derive_seed
+from lightning_swag.posterior.noise import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,9 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+import lightning_swag.lightning.callback_state as checkpointing
 from lightning_swag.checks import check_choice, check_int, check_positive, parse_dtype
-from lightning_swag.lightning.callback_state import CallbackCheckpoints
+from lightning_swag.lightning.callback_state import CollectionState
 from lightning_swag.lightning.checkpoint_io import readable_checkpoint_errors, restore_checkpoint_io
 from lightning_swag.lightning.swa_lr import SWALRSchedule
 from lightning_swag.posterior.parameters import check_include, check_include_matches, select_parameters
@@ -52,7 +53,7 @@ def _spawns_workers(strategy: Strategy) -> bool:
     return any(cls.__name__ == "_MultiProcessingLauncher" for cls in type(launcher).__mro__)
 
 
-class SWAGCallback(CallbackCheckpoints, Callback):
+class SWAGCallback(Callback):
     """Collect a SWAG posterior over the weights of any LightningModule during ``trainer.fit``.
 
     When to snapshot is decided by :meth:`should_update`, with Lightning's ``WeightAveraging``
@@ -187,18 +188,14 @@ class SWAGCallback(CallbackCheckpoints, Callback):
         self._swa_lr = (
             SWALRSchedule(swa_lr, annealing_epochs, annealing_strategy) if swa_lr is not None else None
         )
-        self._posterior: SWAGPosterior | None = None
-        # a whole posterior read from a checkpoint, kept until the model is there to shard it
-        self._pending_state: dict[str, Any] | None = None
+        self._state = CollectionState()
         self._trainer_ref: Callable[[], Any] | None = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
         """Bookkeeping of one run: what was collected when, and the SWA learning-rate schedulers."""
         self._current_epoch = 0
-        self._last_epoch = -1  # epoch of the last epoch-end decision
-        self._last_step = 0  # global_step of the last step decision
-        self._snapshot_step = -1  # global_step of the last snapshot
+        self._state.last_epoch, self._state.last_step, self._state.snapshot_step = -1, 0, -1
         self._warned_untracked: set[str] = set()
         if self._swa_lr is not None:
             self._swa_lr.reset()
@@ -214,7 +211,7 @@ class SWAGCallback(CallbackCheckpoints, Callback):
     @property
     def posterior(self) -> SWAGPosterior:
         """The posterior collected so far (available during and after ``fit``)."""
-        if self._posterior is None:
+        if self._state.posterior is None:
             raise RuntimeError(
                 "SWAGCallback has no posterior yet: it is created at the first snapshot of trainer.fit. "
                 "Pass the callback to L.Trainer(callbacks=[...]) and run fit (or resume from a checkpoint), "
@@ -222,17 +219,45 @@ class SWAGCallback(CallbackCheckpoints, Callback):
                 "('ddp_spawn', 'ddp_notebook') the posterior stayed in the worker processes: restore it from "
                 "a checkpoint, or train with strategy='ddp'."
             )
-        return self._posterior
+        return self._state.posterior
 
     @property
     def num_snapshots(self) -> int:
         """Snapshots collected so far (0 before the first one, when there is no posterior yet)."""
-        return self._posterior.num_snapshots if self._posterior is not None else 0
+        return self._state.posterior.num_snapshots if self._state.posterior is not None else 0
 
     @property
     @override
     def state_key(self) -> str:
         return "SWAGCallback"
+
+    # ------------------------------------------------------------------ checkpoints (callback_state.py)
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return checkpointing.state_dict(self._state, self._swa_lr)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        checkpointing.read_state(
+            state_dict, self._state, self.max_rank, self._shards_statistics(), self._swa_lr
+        )
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Sharded statistics: a collective (Lightning calls it on every process)."""
+        checkpointing.save_sharded_posterior(self._state.posterior, checkpoint, self.state_key)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        part = checkpointing.load_distributed_part(
+            checkpoint, self.state_key, trainer.ckpt_path, pl_module, self._target_device(pl_module)
+        )
+        if part is not None:  # each process reads its own part from the distributed checkpoint
+            self._state.posterior = part
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Whether to snapshot now. Called after every optimizer step with ``step_idx`` (zero-based
@@ -263,8 +288,7 @@ class SWAGCallback(CallbackCheckpoints, Callback):
         if previous is not trainer:
             # A new Trainer is a new run: a fresh posterior (a checkpoint restored after this hook
             # brings its own), and the earlier run's posterior object is left as it was.
-            self._posterior = None
-            self._pending_state = None
+            self._state = CollectionState()
             self._reset_run_state()
             self._trainer_ref = _reference(trainer)
         readable_checkpoint_errors(trainer.strategy)
@@ -284,20 +308,20 @@ class SWAGCallback(CallbackCheckpoints, Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _is_model_parallel(trainer.strategy):
             reshard_fsdp(pl_module)  # the sanity check's forward left FSDP2's root group unsharded
-        if self._pending_state is not None:  # resumed: keep this process's part of the saved posterior
-            state, self._pending_state = self._pending_state, None
-            self._posterior = SWAGPosterior.from_state_dict(
+        if self._state.pending is not None:  # resumed: keep this process's part of the saved posterior
+            state, self._state.pending = self._state.pending, None
+            self._state.posterior = SWAGPosterior.from_state_dict(
                 state, device=self._target_device(pl_module), model=pl_module, shard=self.shard
             )
         swa_lr = self._swa_lr
         if swa_lr is not None and not swa_lr.installed and trainer.current_epoch >= self.start_epoch:
             swa_lr.install(trainer)  # a mid-epoch resume gets no on_train_epoch_start for its epoch
-        if self._posterior is None:
+        if self._state.posterior is None:
             return  # built at the first snapshot, from the parameters trainable then
-        self._posterior.check_compatible(pl_module)
+        self._state.posterior.check_compatible(pl_module)
         device = self._target_device(pl_module)
-        if self._posterior.device != device:
-            self._posterior.to(device)
+        if self._state.posterior.device != device:
+            self._state.posterior.to(device)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -333,23 +357,23 @@ class SWAGCallback(CallbackCheckpoints, Callback):
         most: the weights are the same for all of them)."""
         self._current_epoch = trainer.current_epoch
         step = trainer.global_step
-        if step == self._last_step:  # no optimizer step (e.g. while accumulating gradients)
+        if step == self._state.last_step:  # no optimizer step (e.g. while accumulating gradients)
             return
-        due = any(self.should_update(step_idx=index) for index in range(self._last_step, step))
-        self._last_step = step
+        due = any(self.should_update(step_idx=index) for index in range(self._state.last_step, step))
+        self._state.last_step = step
         if due:
             self._snapshot(pl_module)
-            self._snapshot_step = step
+            self._state.snapshot_step = step
 
     def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch == self._last_epoch:
+        if epoch == self._state.last_epoch:
             return
-        self._last_epoch = epoch
+        self._state.last_epoch = epoch
         self._after_steps(trainer, pl_module)
-        if self.should_update(epoch_idx=epoch) and self._snapshot_step != trainer.global_step:
+        if self.should_update(epoch_idx=epoch) and self._state.snapshot_step != trainer.global_step:
             self._snapshot(pl_module)
-            self._snapshot_step = trainer.global_step
+            self._state.snapshot_step = trainer.global_step
         if self._swa_lr is not None and self._swa_lr.installed:
             self._swa_lr.step()
 
@@ -386,14 +410,14 @@ class SWAGCallback(CallbackCheckpoints, Callback):
     def _snapshot(self, pl_module: L.LightningModule) -> None:
         if _is_model_parallel(pl_module.trainer.strategy):
             reshard_fsdp(pl_module)  # after validation FSDP2's root group is unsharded (see sharding.py)
-        if self._posterior is None:
-            self._posterior = self._new_posterior(pl_module)
+        if self._state.posterior is None:
+            self._state.posterior = self._new_posterior(pl_module)
         else:
             _warn_if_untracked_became_trainable(
-                self._posterior, pl_module, self.include, self._warned_untracked
+                self._state.posterior, pl_module, self.include, self._warned_untracked
             )
         try:
-            self._posterior.collect(pl_module)
+            self._state.posterior.collect(pl_module)
         except FloatingPointError as err:
             # Diverged training: fail loudly (later snapshots would be non-finite too). The
             # posterior keeps the snapshots collected so far; say where it happened.

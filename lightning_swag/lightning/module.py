@@ -1,153 +1,103 @@
 """``SWAGModule``: Bayesian model averaging with a SWAG posterior, as a LightningModule.
 
-Lightning glue over plain-torch pieces: the options become a likelihood
-(:mod:`lightning_swag.likelihoods`), a weight stream (:mod:`lightning_swag.predictive.weights`), a model runner
-(:mod:`lightning_swag.predictive.runner`) and a predictive (:mod:`lightning_swag.predictive`); this module
-adds the run's seed, the hooks of ``trainer.predict`` / ``trainer.test``, test-metric logging,
-held-out tuning and checkpoints.
+The averaging is :class:`~lightning_swag.predictive.bma.BMA` (plain torch), which the module holds
+as :attr:`SWAGModule.engine` and whose options it exposes as its own attributes. This module adds
+what needs a Trainer: the hooks of ``trainer.predict`` / ``trainer.test`` (the shared run seed, DDP
+lockstep, per-dataloader test metrics), held-out tuning from a loader or a DataModule, progress
+bars and the posteriors in checkpoints.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_swag.lightning.checkpoint_io import readable_checkpoint_errors
-from lightning_swag.lightning.evaluation import TestStepLogging
-from lightning_swag.lightning.execution import ExecutionChoices
-from lightning_swag.lightning.held_out import HeldOutTuning
 from lightning_swag.lightning.lockstep import Lockstep
-from lightning_swag.lightning.module_checkpoints import PosteriorCheckpoints
-from lightning_swag.likelihoods import (
-    Likelihood,
-    LinkApprox,
-    Noise,
-    Task,
-    infer_task,
-    likelihood_for,
+from lightning_swag.likelihoods import PER_SAMPLE_KEYS, Likelihood, LinkApprox, Noise, Task, TestMetrics
+from lightning_swag.posterior.format import (
+    MODULE_POSTERIORS_KEY,
+    add_module_extra_placeholder,
+    module_extra_state,
+    pop_module_extra_state,
+    posterior_states,
+    read_module_extra_state,
+    wrapped_model_state,
 )
-from lightning_swag.posterior.parameters import unwrap_model
+from lightning_swag.posterior.protocol import Posterior
 from lightning_swag.posterior.swag import SWAGPosterior
-from lightning_swag.predictive import Predictive, RunState, build_predictive, stack_outputs
 from lightning_swag.predictive.batches import default_batch_inputs, default_batch_targets
-from lightning_swag.predictive.options import Covariance, Option, PredictiveKind, check_option
+from lightning_swag.predictive.bma import BMA, resolve_loader
+from lightning_swag.predictive.options import Covariance, PredictiveChoice
 from lightning_swag.predictive.runner import ExecutionPlan, MemoryFormat
 from lightning_swag.predictive.vectorize import Vectorize
-from lightning_swag.predictive.weights import SamplingSpec, WeightStream, draw_run_seed
+from lightning_swag.predictive.weights import draw_run_seed
 
-__all__ = ["SWAGModule", "infer_task"]
-
-_STATE_DICT_GIVEN = (
-    "{what} is a state dict (a Mapping, e.g. posterior.state_dict()), not a SWAGPosterior. Build the "
-    "posterior from it first: SWAGModule(model, SWAGPosterior.from_state_dict(state)) (a file written "
-    "with posterior.save(path): SWAGPosterior.load(path))."
-)
+__all__ = ["SWAGModule"]
 
 
-class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, ExecutionChoices, L.LightningModule):
+class EngineOption:
+    """An option of :class:`~lightning_swag.predictive.bma.BMA`, read and set on the module (checked
+    by the engine when set)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module: Any, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        return getattr(module.engine, self.name)
+
+    def __set__(self, module: Any, value: Any) -> None:
+        setattr(module.engine, self.name, value)
+
+
+class SWAGModule(L.LightningModule):
     """Bayesian model averaging with SWAG posterior samples, for ``trainer.predict`` / ``trainer.test``.
 
-    Args:
-        model: the trained network (any ``nn.Module``/LightningModule, also a ``torch.compile`` one,
-            whose ``forward`` gives raw outputs; logits for classification). It is used as is and
-            never modified.
-        posterior: the :class:`SWAGPosterior` collected for ``model`` (e.g. ``swag.posterior``), or
-            several independent ones (MultiSWAG: ``num_samples`` are drawn from each). ``None`` if
-            it is to be restored from a checkpoint (``trainer.predict(..., ckpt_path=...)``).
-        num_samples: weight samples per posterior.
-        scale: covariance scale (``0.5`` = the paper's ``1/√2``). ``scale=0`` with
-            ``num_samples=1`` is exactly the SWA model.
-        task: what the outputs are: ``"regression"`` (``mean``, ``std``); ``"classification"``
-            (logits, softmax over the class dimension: ``mean`` probabilities, ``std``, ``entropy``,
-            ``mutual_information``); ``"binary"`` (one logit per row, sigmoid) or ``"multilabel"``
-            (an independent sigmoid per label), with the same outputs per element. ``None`` infers it
-            from the model (:func:`infer_task`).
-        covariance: ``"low_rank"`` (full SWAG) or ``"diagonal"`` (SWAG-Diagonal).
-        return_samples: also return the per-sample outputs ``samples`` ``[S, B, ...]``.
-        seed: an int >= 0 that fixes the weight samples: the same seed gives the same samples
-            whatever ``chunk_size``, the number of batches or of processes. Within one run the same
-            weight samples are used for every batch. ``None`` draws a fresh seed per run (the same
-            on every process under DDP).
-        chunk_size: samples drawn and evaluated together (default: as many as fit in about
-            256 MiB of weights). It bounds the memory of the weights and of the outputs (the
-            summaries are accumulated chunk by chunk unless ``return_samples``); the results do not
-            depend on it.
-        vectorize: how the samples of a chunk run: ``"auto"`` (see :mod:`lightning_swag.predictive.vectorize`),
-            or force ``"vmap"`` / ``"loop"`` (``True``/``False`` mean the same).
-        bn_loader: training data (a loader, or a LightningDataModule whose ``train_dataloader``
-            is used) to recompute BatchNorm running statistics for every weight sample before
-            predicting (``torch.optim.swa_utils.update_bn`` semantics). Without it the model's own,
-            stale statistics are used (a warning says so). The model's buffers are never modified.
-        bn_num_batches: use only this many batches (an int) or this fraction (a float in (0, 1])
-            of ``bn_loader`` for the refresh.
-        output_transform: maps the model's raw output to the tensor to average (e.g.
-            ``lambda out: out[0]``); outputs with a ``logits`` entry (Hugging Face) need none. With
-            ``noise="heteroscedastic"`` it may return a ``(mean, variance)`` pair of tensors.
-        noise: the noise model of a regression: ``None`` (the spread of the sampled outputs only), a
-            float ``σ > 0`` (homoscedastic; ``fit_noise`` sets it) or ``"heteroscedastic"`` (the
-            last output dimension holds mean and log-variance). See
-            :mod:`lightning_swag.likelihoods.gaussian`.
-        memory_format: the layout of 4-D tensors of conv nets: ``"auto"`` (channels-last on a CPU
-            when a trial forward shows the model accepts it), ``"channels_last"`` or ``"preserve"``.
-        class_dim: the class dimension of classification outputs with more than two dimensions:
-            ``1`` for ``[B, C, H, W]`` (segmentation), ``-1`` for ``[B, T, C]`` (tokens). Without it
-            such an output is an error.
-        ignore_index: targets equal to this are skipped by test metrics and ``tune_scale`` (padding).
-        predictive: ``"sampled"`` (Monte Carlo over weight samples) or ``"linearized"`` (outputs
-            linear in the weights around the SWA mean: a Gaussian over the outputs, no weight
-            samples; see :mod:`lightning_swag.predictive.linearized`).
-        link_approx: how the linearised predictive averages a softmax or sigmoid: ``"probit"`` or
-            ``"mc"`` (the linearised outputs under the run's ``num_samples`` weight samples, the
-            same samples as the sampled predictive's).
-        split_forward: for a posterior over one submodule whose output is the model's output (a
-            head, the last block), run the rest of the network once per batch (checked at the first
-            batch; see :mod:`lightning_swag.predictive.subset`). ``False`` always runs the whole model.
+    The arguments are those of :class:`~lightning_swag.predictive.bma.BMA` (documented there), which
+    does the averaging; every option is also an attribute (``bma.scale = 1.0`` takes effect at the
+    next call). ``bn_loader`` may also be a LightningDataModule (its ``train_dataloader``). A
+    ``posterior`` of ``None`` is restored from a checkpoint (``trainer.predict(..., ckpt_path=...)``).
 
-    Forward arguments: whatever :meth:`batch_inputs` returns is passed to the model as
-    ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple, else ``model(inputs)``
-    (:mod:`lightning_swag.predictive.batches`). The model runs in eval mode (dropout off, BatchNorm on running
-    statistics); module modes are restored afterwards. Changing an option (``bma.scale = 1.0``)
-    takes effect at the next call.
-
-    Sharded posteriors (``SWAGCallback(shard=True)`` under DDP, or FSDP2 under
+    Batches are read with :meth:`batch_inputs` and :meth:`batch_targets`: override them for other
+    layouts. Sharded posteriors (``SWAGCallback(shard=True)`` under DDP, or FSDP2 under
     ``ModelParallelStrategy``) predict under the strategy they were collected with, with the same
-    seed on every process (see :mod:`lightning_swag.posterior.sharding`); ``bn_loader`` is not supported with
-    FSDP2 yet.
+    seed on every process; ``bn_loader`` is not supported with FSDP2 yet.
     """
 
-    num_samples = Option("num_samples")
-    scale = Option("scale")
-    task = Option("task")
-    covariance = Option("covariance")
-    return_samples = Option("return_samples", resets=False)
-    seed = Option("seed")
-    chunk_size = Option("chunk_size")
-    vectorize = Option("vectorize")
-    bn_loader = Option("bn_loader")
-    bn_num_batches = Option("bn_num_batches")
-    output_transform = Option("output_transform")
-    noise = Option("noise")
-    memory_format = Option("memory_format")
-    class_dim = Option("class_dim")
-    ignore_index = Option("ignore_index")
-    predictive = Option("predictive")
-    link_approx = Option("link_approx")
-    split_forward = Option("split_forward")
+    num_samples = EngineOption()
+    scale = EngineOption()
+    task = EngineOption()
+    covariance = EngineOption()
+    return_samples = EngineOption()
+    seed = EngineOption()
+    chunk_size = EngineOption()
+    vectorize = EngineOption()
+    bn_loader = EngineOption()
+    bn_num_batches = EngineOption()
+    output_transform = EngineOption()
+    noise = EngineOption()
+    memory_format = EngineOption()
+    class_dim = EngineOption()
+    ignore_index = EngineOption()
+    predictive = EngineOption()
+    link_approx = EngineOption()
+    split_forward = EngineOption()
 
     def __init__(
         self,
         model: nn.Module,
-        posterior: SWAGPosterior | Sequence[SWAGPosterior] | None = None,
+        posterior: Posterior | Sequence[Posterior] | None = None,
         num_samples: int = 30,
         scale: float = 0.5,
-        task: Task | None = None,
+        task: Task | Likelihood | None = None,
         covariance: Covariance = "low_rank",
         return_samples: bool = False,
         seed: int | None = None,
@@ -160,103 +110,49 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
         memory_format: MemoryFormat = "auto",
         class_dim: int | None = None,
         ignore_index: int = -100,
-        predictive: PredictiveKind = "sampled",
+        predictive: PredictiveChoice = "sampled",
         link_approx: LinkApprox = "probit",
         split_forward: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        self.model = unwrap_model(model)
-        self._built: Predictive | None = None
-        self._run_seed: int | None = None
+        options = {name: value for name, value in locals().items() if name in BMA.option_names()}
+        engine = BMA(model, posterior, **options, batch_inputs=self.batch_inputs, progress=self._progress)
+        self.model = engine.model
+        self.engine = engine
+        """The plain-torch BMA that averages (see :class:`~lightning_swag.predictive.bma.BMA`)."""
         self._lockstep = Lockstep()
         self._test_metrics = nn.ModuleDict()
-        self._posteriors: list[SWAGPosterior] = []
-        options = dict(locals())
-        for name in type(self).option_names():
-            value = options[name] if name != "task" or task is not None else infer_task(self.model)
-            object.__setattr__(self, f"_option_{name}", check_option(name, value))
-        self._likelihood()  # the task's options are checked together now
-        self._warn_if_batchnorm_is_stale(posterior)
-        if posterior is not None:
-            self.posteriors = [posterior] if isinstance(posterior, SWAGPosterior) else posterior
 
     @classmethod
     def option_names(cls) -> list[str]:
         """The options that can be changed after construction (every argument but model and posterior)."""
-        names = (
-            name
-            for klass in reversed(cls.__mro__)
-            for name, value in vars(klass).items()
-            if isinstance(value, Option)
-        )
-        return list(dict.fromkeys(names))  # subclasses (batch layout overrides) inherit the options
-
-    def options_changed(self, resets: bool) -> None:
-        """Called when an option is set: the next call rebuilds the predictive (and draws new samples)."""
-        if resets:
-            self._built = None
+        return BMA.option_names()
 
     # ------------------------------------------------------------------ posteriors
     @property
-    def posteriors(self) -> list[SWAGPosterior]:
+    def posteriors(self) -> list[Posterior]:
         """The posterior(s) sampled from (several for MultiSWAG)."""
-        return self._posteriors
+        return self.engine.posteriors
 
     @posteriors.setter
-    def posteriors(self, posteriors: Sequence[SWAGPosterior]) -> None:
-        if isinstance(posteriors, Mapping):  # iterating it would give its keys
-            raise TypeError(_STATE_DICT_GIVEN.format(what="posterior"))
-        posteriors = list(posteriors)
-        if not posteriors:
-            raise ValueError("Give at least one SWAGPosterior.")
-        for i, post in enumerate(posteriors):
-            if isinstance(post, Mapping):
-                raise TypeError(_STATE_DICT_GIVEN.format(what=f"posterior {i}"))
-            if not isinstance(post, SWAGPosterior):
-                raise TypeError(f"posterior {i} is a {type(post).__name__}, not a SWAGPosterior.")
-            if post.num_snapshots == 0:
-                raise ValueError(
-                    f"posterior {i} holds no snapshots, so there is nothing to sample. Train with "
-                    "SWAGCallback until at least one snapshot is collected (check start_epoch vs max_epochs)."
-                )
-            post.check_compatible(self.model)
-            if post.is_sharded and not post.layout.fits(self.model):
-                raise ValueError(
-                    f"posterior {i} holds a part of the weights ({post.layout.describe()}) that does not fit "
-                    "this model's parameters: predict with the model it was collected from, under the same "
-                    "strategy, or gather() the posterior to one process first."
-                )
-        if any(post.num_snapshots == 1 for post in posteriors):
-            warnings.warn(
-                "SWAGModule: a posterior holds one snapshot only, so it has no spread: every weight sample is "
-                "its SWA mean and the std of the BMA is exactly 0. Collect more snapshots (SWAGCallback's "
-                "start_epoch, every_n_epochs / every_n_steps).",
-                stacklevel=3,
-            )
-        self._posteriors = posteriors
-        self._built = None
+    def posteriors(self, posteriors: Sequence[Posterior]) -> None:
+        self.engine.posteriors = posteriors
 
     @property
-    def posterior(self) -> SWAGPosterior:
+    def posterior(self) -> Posterior:
         """The first (usually only) posterior."""
-        self._require_posteriors()
-        return self._posteriors[0]
+        return self.engine.posterior
 
     @property
     def total_samples(self) -> int:
-        """Weight samples per prediction: ``num_samples`` times the number of posteriors (``0`` for the
-        linearised predictive in closed form, ``link_approx="probit"``, which draws none)."""
-        if not self._predictive().uses_weight_samples:
-            return 0
-        return self.num_samples * len(self._posteriors)
+        """Weight samples per prediction (see :attr:`BMA.total_samples`)."""
+        return self.engine.total_samples
 
     @property
     def execution_plan(self) -> ExecutionPlan | None:
         """How the forward passes run (vmap or loop, channels-last, the split), once decided at the
         first batch; ``None`` before."""
-        return self._built.plan if self._built is not None else None
+        return self.engine.execution_plan
 
     # ------------------------------------------------------------------ batch layout
     def batch_inputs(self, batch: Any) -> Any:
@@ -273,7 +169,8 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
     @override
     def forward(self, x: Any) -> dict[str, Tensor]:
         """BMA summary of the outputs for input ``x`` (see :meth:`predict_step`)."""
-        return self._summarize(x, keep_samples=self.return_samples)
+        self._lockstep.record(x)
+        return self.engine(x)
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
@@ -282,94 +179,118 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
         + ``samples`` when ``return_samples``)."""
         return self(self.batch_inputs(batch))
 
-    @torch.no_grad()
-    def sample_outputs(self, x: Any) -> Any:
-        """Model outputs for ``x`` under every weight sample, stacked: ``[S, B, ...]`` (a pair of such
-        tensors when a heteroscedastic ``output_transform`` returns ``(mean, variance)``); the
-        linearised outputs under the same samples for ``predictive="linearized"``."""
-        predictive = self._predictive()
-        with _eval_mode(self.model):
-            self._lockstep.record(x)
-            return stack_outputs(list(predictive.outputs(x, self._run_state())))
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """BMA on a labelled batch; metrics are logged per test dataloader at the end of the epoch.
 
-    @torch.no_grad()
-    def _components(self, x: Any) -> tuple[Tensor, Tensor | None]:
-        """The predictive's components at ``x`` (see :meth:`Predictive.components`)."""
-        predictive = self._predictive()
-        with _eval_mode(self.model):
-            self._lockstep.record(x)
-            return predictive.components(x, self._run_state())
+        Classification, binary and multi-label: ``test_accuracy``, ``test_nll``, ``test_brier``,
+        ``test_ece`` (15 bins), ``test_entropy`` and ``test_mutual_information`` (dense outputs: per
+        element, skipping ``ignore_index``). Regression: ``test_rmse`` and ``test_mean_std``; with a
+        noise model the mixture's ``test_nll``, ``test_rmse``, ``test_crps``,
+        ``test_calibration_error``, ``test_mean_std`` and ``test_coverage_50/90/95``. With several
+        test dataloaders the names get Lightning's ``/dataloader_idx_<k>`` suffix, and each loader's
+        values are those of testing it alone.
+        """
+        targets = self.batch_targets(batch)
+        likelihood = self.engine.likelihood
+        inputs = self.batch_inputs(batch)
+        self._lockstep.record(inputs)
+        out = self.engine.summarize(inputs, keep_samples=self.return_samples or likelihood.needs_samples)
+        metrics = self._test_metrics_for(dataloader_idx, out, likelihood)
+        likelihood.update_test_metrics(metrics, out, targets)
+        for key, metric in metrics.logged.items():
+            self.log(
+                f"test_{key}",
+                metric,
+                on_step=False,
+                on_epoch=True,
+                metric_attribute=f"_test_metrics.{dataloader_idx}.logged.{key}",
+            )
+        return out if self.return_samples else {k: v for k, v in out.items() if k not in PER_SAMPLE_KEYS}
+
+    def _test_metrics_for(
+        self, dataloader_idx: int, out: dict[str, Tensor], likelihood: Likelihood
+    ) -> TestMetrics:
+        key = str(dataloader_idx)
+        if key not in self._test_metrics:
+            self._test_metrics[key] = likelihood.test_metrics(out).to(out["mean"].device)
+        return self._test_metrics[key]  # type: ignore[return-value]
+
+    def sample_outputs(self, x: Any) -> Any:
+        """Model outputs for ``x`` under every weight sample, stacked (see :meth:`BMA.sample_outputs`)."""
+        self._lockstep.record(x)
+        return self.engine.sample_outputs(x)
 
     def sample_components(self, x: Any) -> tuple[Tensor, Tensor]:
-        """Per-weight-sample predictive means and noise variances ``[S, B, ...]`` of a regression with
-        a noise model (the components of the predictive mixture)."""
-        components = getattr(self._likelihood(), "components", None)
-        if components is None:
-            raise ValueError(
-                "sample_components needs a noise model: SWAGModule(..., noise=σ or 'heteroscedastic'), "
-                "or fit_noise(held_out_loader) first."
-            )
-        return components(self.sample_outputs(x))
+        """Per-weight-sample predictive means and noise variances (see :meth:`BMA.sample_components`)."""
+        self._lockstep.record(x)
+        return self.engine.sample_components(x)
 
     def iter_weight_samples(self) -> Iterator[dict[str, Tensor]]:
-        """Weight samples as ``{name: [chunk, *shape]}`` dicts on the model's device, each tensor in its
-        parameter's dtype. Sample ``i`` of posterior ``j`` is sample ``i`` of the seed
-        ``derive_seed(run seed, j)``; for FSDP2 shards, this process's shards of the samples."""
-        self._require_posteriors()
-        stream = WeightStream(self._prepared_posteriors(), self.model)
-        yield from stream.chunks(self._spec(), self._current_seed())
+        """Weight samples as ``{name: [chunk, *shape]}`` dicts (see :meth:`BMA.iter_weight_samples`)."""
+        return self.engine.iter_weight_samples()
 
     def reset_samples(self) -> None:
         """Draw a new set of weight samples at the next batch (a fixed one when ``seed`` is set)."""
-        self._run_seed = None
-        if self._built is not None:
-            self._built.reset()
+        self.engine.reset_samples()
 
-    def _summarize(self, x: Any, keep_samples: bool) -> dict[str, Tensor]:
-        predictive = self._predictive()
-        self._lockstep.record(x)
-        with torch.no_grad(), _eval_mode(self.model):
-            out = predictive.predict(x, self._run_state(), keep_samples)
-            self._check_batchnorm_order(x)
-        return out
+    # ------------------------------------------------------------------ held-out tuning
+    def tune_scale(
+        self,
+        dataloader: Iterable[Any] | L.LightningDataModule,
+        scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
+    ) -> dict[float, float]:
+        """Set ``scale`` to the candidate with the lowest predictive negative log-likelihood on held-out data.
 
-    def _run_state(self) -> RunState:
-        return RunState(self._spec(), self._current_seed())
+        The covariance scale trades calibration against sharpness, and the best value depends on
+        the model and the collection learning rate; choose it on a validation set, never on the
+        test set. Every candidate is scored with the same standard-normal draws (only their scale
+        differs). Classification scores the NLL of the BMA probabilities; regression needs a noise
+        model and scores the NLL of the predictive mixture. With a homoscedastic ``noise=σ``, σ is
+        refit by maximum likelihood for every candidate (scale and σ trade off) and the best pair is
+        kept.
 
-    def _spec(self) -> SamplingSpec:
-        return SamplingSpec(self.num_samples, self.scale, self.covariance == "diagonal", self.chunk_size)
+        Args:
+            dataloader: labelled held-out batches (read with :meth:`batch_inputs` and
+                :meth:`batch_targets`; kept in memory while the candidates are scored), or a
+                LightningDataModule whose ``val_dataloader`` is used.
+            scales: candidate scales (each ``>= 0``). A warning says so when the best one is the
+                largest (or the smallest non-zero) candidate.
 
-    def _current_seed(self) -> int:
-        if self._run_seed is None:
-            shared = any(post.is_sharded for post in self._posteriors)
-            self._run_seed = self.seed if self.seed is not None else draw_run_seed(shared)
-        return self._run_seed
+        Returns:
+            ``{scale: mean NLL}`` for every candidate.
+        """
+        return self.engine.tune_scale(self._held_out(dataloader, "tune_scale"), scales)
 
-    def _likelihood(self) -> Likelihood:
-        if self._built is not None:
-            return self._built.likelihood
-        return likelihood_for(self.task, self.noise, self.class_dim, self.ignore_index)
+    def fit_noise(self, dataloader: Iterable[Any] | L.LightningDataModule) -> float:
+        """Set a homoscedastic ``noise`` σ by maximum likelihood of the predictive mixture on held-out
+        data, and return it (regression; the weight samples are those of ``seed``).
 
-    def _prepared_posteriors(self) -> list[SWAGPosterior]:
-        """The posteriors as this model's strategy runs them (an FSDP2 model gets its part of each)."""
-        return [post.sharded_like(self.model) for post in self._posteriors]
+        The predictive is the mixture over weight samples of ``N(mean_s(x), σ²)`` or, for
+        ``predictive="linearized"`` (``link_approx="probit"``), over posteriors of
+        ``N(mean_j(x), linearised variance_j(x) + σ²)``; σ maximises its likelihood of the held-out
+        targets (:func:`~lightning_swag.metrics.fit_gaussian_noise`). Fit it on validation data,
+        never on the test set.
 
-    def _predictive(self) -> Predictive:
-        self._require_posteriors()
-        if self._built is None:
-            posteriors = self._prepared_posteriors()
-            self._posteriors = posteriors
-            self._built = build_predictive(
-                self.predictive,
-                self._likelihood(),
-                posteriors,
-                self.model,
-                self._runner_options(),
-                self._batchnorm_refresh(posteriors),
-                self._progress,
-                self.link_approx,
+        Args:
+            dataloader: labelled held-out batches, or a LightningDataModule (its ``val_dataloader``).
+        """
+        return self.engine.fit_noise(self._held_out(dataloader, "fit_noise"))
+
+    def _held_out(self, dataloader: Any, what: str) -> list[tuple[Any, Any]]:
+        """The labelled batches of a loader or DataModule (its validation loader), on the model's device."""
+        self.engine.require_posteriors()
+        device = next(iter(self.model.parameters())).device
+        batches = [
+            (
+                move_data_to_device(self.batch_inputs(batch), device),
+                move_data_to_device(self.batch_targets(batch), device),
             )
-        return self._built
+            for batch in resolve_loader(dataloader, "val")
+        ]
+        if not batches:
+            raise ValueError(f"{what} got an empty dataloader.")
+        return batches
 
     # ------------------------------------------------------------------ runs
     @override
@@ -390,6 +311,10 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
         self._start_run()
 
     @override
+    def on_test_epoch_start(self) -> None:
+        self._test_metrics = nn.ModuleDict()
+
+    @override
     def on_predict_epoch_end(self) -> None:
         self._finish_run()
 
@@ -397,21 +322,116 @@ class SWAGModule(TestStepLogging, HeldOutTuning, PosteriorCheckpoints, Execution
     def on_test_epoch_end(self) -> None:
         self._finish_run()
 
-    def _require_posteriors(self) -> None:
-        if not self._posteriors:
-            raise RuntimeError(
-                "SWAGModule has no posterior: pass posterior=swag.posterior, or restore it with "
-                "trainer.predict(module, ckpt_path=...) from a checkpoint written with SWAGCallback."
+    def _start_run(self) -> None:
+        """Every process draws the same weight samples (global rank 0's run seed), and processes whose
+        forward passes are collectives run the same number of them."""
+        trainer = self.trainer
+        predictive = self.engine.start_run(lambda: draw_run_seed(shared=trainer.world_size > 1))
+        collective = trainer.world_size > 1 and predictive.collective_forwards(self.engine.spec())
+        counts = trainer.num_predict_batches if trainer.predicting else trainer.num_test_batches
+
+        def reduce_max(value: float) -> float:
+            return float(trainer.strategy.reduce(torch.tensor(value, device=self.device), reduce_op="max"))
+
+        if not self._lockstep.start(collective, float(sum(counts)), reduce_max):
+            rank_zero_warn(
+                "SWAGModule: a process has a dataloader without a length, so the processes cannot be kept "
+                "in step; with a sharded posterior give every process the same number of batches, or the "
+                "run hangs."
             )
 
+    def _finish_run(self) -> None:
+        self._lockstep.finish(
+            lambda x: self.engine.summarize(x, keep_samples=False), self.trainer.global_rank
+        )
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode inside the block; every module's mode restored after it."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    def _progress(
+        self, iterable: Iterable[Any], total: int | None, description: str = "SWAG: sampling weights"
+    ) -> Iterable[Any]:
+        """A progress bar over ``iterable`` while a Trainer with a progress bar runs this module
+        (global rank zero only), shown only when there is more than one step."""
+        trainer = self._trainer
+        show = (
+            trainer is not None
+            and trainer.progress_bar_callback is not None
+            and trainer.is_global_zero
+            and (total is None or total > 1)
+        )
+        if not show:
+            return iterable
+        from tqdm.auto import tqdm  # here: importing tqdm.auto warns in notebooks without ipywidgets
+
+        return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def get_extra_state(self) -> dict[str, Any]:
+        """The whole posteriors' states, so that a ``SWAGModule`` nested in another LightningModule
+        keeps them in that module's checkpoint (sharded ones are gathered by
+        :meth:`on_save_checkpoint` instead, a collective)."""
+        posteriors = self.engine.posteriors
+        if not posteriors or not _storable(posteriors) or any(post.is_sharded for post in posteriors):
+            return module_extra_state([])
+        return module_extra_state([post.state_dict() for post in posteriors])
+
+    @override
+    def set_extra_state(self, state: Any) -> None:
+        states = read_module_extra_state(state)
+        if states:
+            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu") for s in states]
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pop_module_extra_state(checkpoint.get("state_dict", {}))  # stored once, under its own key
+        if not _storable(self.engine.posteriors):
+            rank_zero_warn(
+                "SWAGModule: the checkpoint holds no posterior, because a posterior of your own type is not "
+                "a SWAGPosterior; give it to SWAGModule again when you restore from this checkpoint."
+            )
+            return
+        # sharded posteriors are gathered to rank 0, which writes the checkpoint (a collective)
+        wholes = [post.gather(dst=0) for post in self.engine.posteriors]
+        if all(whole is not None for whole in wholes):
+            checkpoint[MODULE_POSTERIORS_KEY] = [whole.state_dict() for whole in wholes if whole is not None]
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Accept a checkpoint of the wrapped model's own training run (with SWAGCallback state) as
+        well as a SWAGModule checkpoint: the model weights and the posterior(s) are restored."""
+        if checkpoint.get("state_dict"):
+            own = set(self.state_dict(keep_vars=True))
+            checkpoint["state_dict"] = dict(wrapped_model_state(checkpoint["state_dict"], own, "model."))
+        if "state_dict" in checkpoint:
+            add_module_extra_placeholder(checkpoint["state_dict"])
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        states = posterior_states(checkpoint)
+        if states:
+            if self.engine.posteriors:
+                rank_zero_warn(
+                    f"SWAGModule: the checkpoint's {len(states)} posterior(s) replaces the posterior(s) given "
+                    "to SWAGModule; build SWAGModule(model, posterior=None) to restore from the checkpoint "
+                    "silently, or leave out ckpt_path to keep yours."
+                )
+            self.posteriors = [SWAGPosterior.from_state_dict(s, device="cpu", source=source) for s in states]
+        elif not self.engine.posteriors:
+            raise RuntimeError(_no_posterior_message(checkpoint))
+
+
+def _storable(posteriors: Sequence[Any]) -> bool:
+    """Whether the checkpoint format can store ``posteriors`` (SWAG posteriors; a user's own type has
+    no stored form)."""
+    return all(isinstance(post, SWAGPosterior) for post in posteriors)
+
+
+def _no_posterior_message(checkpoint: dict[str, Any]) -> str:
+    if "callbacks" not in checkpoint and "optimizer_states" not in checkpoint:
+        return (
+            "The checkpoint holds only weights (it was written with ModelCheckpoint(save_weights_only=True) or "
+            "trainer.save_checkpoint(..., weights_only=True)), and a weights-only checkpoint holds no callback "
+            "state, so no SWAG posterior. Save checkpoints with save_weights_only=False next to SWAGCallback, "
+            "or pass the posterior to SWAGModule (swag.posterior, or SWAGPosterior.load(path))."
+        )
+    return (
+        "The checkpoint holds no SWAG posterior (it was not saved by a Trainer with SWAGCallback, or before "
+        "the first snapshot), and SWAGModule was built without one."
+    )

@@ -15,13 +15,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_swag.likelihoods import infer_task
+from lightning_swag.likelihoods import PER_SAMPLE_KEYS, infer_task
 from lightning_swag.predictive.batches import default_batch_inputs, default_batch_targets
 
 __all__ = ["SWAGPredictionWriter", "load_predictions", "merge_predictions"]
 
 #: Keys whose tensors have the sample axis first (``[S, B, ...]``): batches are joined along dim 1.
-_SAMPLE_MAJOR_KEYS = ("samples", "sample_variances")
 
 
 class SWAGPredictionWriter(BasePredictionWriter):
@@ -215,7 +214,7 @@ def _maybe(extract: Callable[[Any], Any], batch: Any) -> Any:
 def _concatenate(records: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Join per-batch records; keys missing from any batch are dropped."""
     keys = [k for k in records[0] if all(k in r for r in records)]
-    return {k: torch.cat([r[k] for r in records], dim=1 if k in _SAMPLE_MAJOR_KEYS else 0) for k in keys}
+    return {k: torch.cat([r[k] for r in records], dim=1 if k in PER_SAMPLE_KEYS else 0) for k in keys}
 
 
 def load_predictions(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -249,9 +248,9 @@ def merge_predictions(sources: Sequence[str | os.PathLike[str] | dict[str, Any]]
     merged: dict[str, Any] = _concatenate([{k: v for k, v in p.items() if k != "meta"} for p in parts])
     if "indices" in merged:
         unique, first = _first_occurrences(merged["indices"])
-        merged = {k: v.index_select(1 if k in _SAMPLE_MAJOR_KEYS else 0, first) for k, v in merged.items()}
+        merged = {k: v.index_select(1 if k in PER_SAMPLE_KEYS else 0, first) for k, v in merged.items()}
         merged["indices"] = unique
-    row_key = next(k for k in merged if k not in _SAMPLE_MAJOR_KEYS)
+    row_key = next(k for k in merged if k not in PER_SAMPLE_KEYS)
     num_rows = int(merged[row_key].shape[0])
     merged["meta"] = {**parts[0].get("meta", {}), "num_rows": num_rows}
     return merged

@@ -11,6 +11,7 @@ are accepted for ``[B, 1]`` outputs); with ``ignore_index`` elements equal to it
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_swag.likelihoods.base import (
+from lightning_swag.likelihoods.likelihood import (
     Likelihood,
     Outputs,
     TestMetrics,
@@ -26,55 +27,35 @@ from lightning_swag.likelihoods.base import (
     values_of,
 )
 from lightning_swag.likelihoods.summaries import (
-    RunningMean,
-    RunningMoments,
     bernoulli_entropy,
+    probability_summary,
     sigmoid_with_entropy,
     summary_dtype,
 )
 from lightning_swag.metrics import EPS, BernoulliUncertaintyMetrics
 
-__all__ = ["Binary", "Multilabel"]
+__all__ = ["Binary", "IndependentSigmoids", "Multilabel"]
 
 _TEST_KEYS = ("accuracy", "nll", "brier", "ece", "entropy")
 
 
-class Binary(Likelihood):
-    """Independent sigmoids (see the module docstring).
+class IndependentSigmoids(Likelihood):
+    """Independent sigmoids (see the module docstring); the tasks differ only in the output shapes
+    they accept (:meth:`check_outputs`).
 
     Args:
         ignore_index: targets equal to this are left out of the test metrics and held-out scores.
     """
 
-    task = "binary"
-
     def __init__(self, ignore_index: int = -100) -> None:
         self.ignore_index = ignore_index
 
+    @abstractmethod
     def check_outputs(self, outputs: Outputs) -> None:
-        logits = outputs if isinstance(outputs, Tensor) else outputs[0]
-        if logits.dim() < 2:
-            raise ValueError(
-                f"{self.task} outputs need a batch dimension; got stacked outputs {tuple(logits.shape)}."
-            )
+        """Refuse outputs whose shape is not the task's."""
 
     def summarize(self, chunks: Iterable[Outputs]) -> dict[str, Tensor]:
-        moments, entropies = RunningMoments(), RunningMean()
-        for logits in chunks:
-            assert isinstance(logits, Tensor)
-            probs, entropy = sigmoid_with_entropy(logits.to(summary_dtype(logits)))
-            moments.update(probs)
-            entropies.update(entropy)
-        assert moments.mean is not None and moments.variance is not None and entropies.mean is not None
-        mean = moments.mean
-        entropy = bernoulli_entropy(mean)
-        mutual = (entropy - entropies.mean).clamp_(min=0) if moments.count > 1 else torch.zeros_like(entropy)
-        return {
-            "mean": mean,
-            "std": moments.variance.sqrt_(),
-            "entropy": entropy,
-            "mutual_information": mutual,
-        }
+        return probability_summary(chunks, sigmoid_with_entropy, bernoulli_entropy)  # type: ignore[arg-type]
 
     def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         probs = torch.sigmoid((mean / (1 + math.pi / 8 * variance).sqrt()).to(summary_dtype(mean)))
@@ -123,7 +104,20 @@ class Binary(Likelihood):
         return total / max(count, 1), {}
 
 
-class Multilabel(Binary):
+class Binary(IndependentSigmoids):
+    """One sigmoid per output element: ``[B]`` or ``[B, 1]`` logits, or dense ones (masks)."""
+
+    task = "binary"
+
+    def check_outputs(self, outputs: Outputs) -> None:
+        logits = outputs if isinstance(outputs, Tensor) else outputs[0]
+        if logits.dim() < 2:
+            raise ValueError(
+                f"{self.task} outputs need a batch dimension; got stacked outputs {tuple(logits.shape)}."
+            )
+
+
+class Multilabel(IndependentSigmoids):
     """An independent sigmoid per label: outputs ``[B, L]`` with 0/1 targets ``[B, L]``."""
 
     task = "multilabel"

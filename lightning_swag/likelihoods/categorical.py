@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_swag.likelihoods.base import (
+from lightning_swag.checks import check_class_dim
+from lightning_swag.likelihoods.likelihood import (
     Likelihood,
     Outputs,
     TestMetrics,
@@ -25,9 +26,8 @@ from lightning_swag.likelihoods.base import (
     values_of,
 )
 from lightning_swag.likelihoods.summaries import (
-    RunningMean,
-    RunningMoments,
     categorical_entropy,
+    probability_summary,
     softmax_with_entropy,
     summary_dtype,
 )
@@ -51,11 +51,7 @@ class Categorical(Likelihood):
     task = "classification"
 
     def __init__(self, class_dim: int | None = None, ignore_index: int = -100) -> None:
-        if class_dim is not None and (
-            isinstance(class_dim, bool) or not isinstance(class_dim, int) or class_dim == 0
-        ):
-            raise ValueError(f"class_dim must be None or a non-zero int (1 or -1), got {class_dim!r}.")
-        self.class_dim = class_dim
+        self.class_dim = check_class_dim(class_dim)
         self.ignore_index = ignore_index
         self._warned = False
 
@@ -99,32 +95,15 @@ class Categorical(Likelihood):
             )
 
     def summarize(self, chunks: Iterable[Outputs]) -> dict[str, Tensor]:
-        probs_moments, entropies = RunningMoments(), RunningMean()
-        axis = -1
-        for logits in chunks:
-            assert isinstance(logits, Tensor)
-            axis = self._axis(logits)
-            probs, entropy = softmax_with_entropy(logits.movedim(axis, -1).to(summary_dtype(logits)))
-            probs_moments.update(probs)
-            entropies.update(entropy)
-        assert (
-            probs_moments.mean is not None
-            and probs_moments.variance is not None
-            and entropies.mean is not None
-        )
-        mean, std = probs_moments.mean, probs_moments.variance.sqrt_()
-        entropy = categorical_entropy(mean)
-        if probs_moments.count > 1:  # one sample cannot disagree with itself: exactly 0
-            mutual = (entropy - entropies.mean).clamp_(min=0)
-        else:
-            mutual = torch.zeros_like(entropy)
-        back = axis  # negative: the same class axis in a per-sample output [B, ...]
-        return {
-            "mean": mean.movedim(-1, back),
-            "std": std.movedim(-1, back),
-            "entropy": entropy,
-            "mutual_information": mutual,
-        }
+        moved = (self._classes_last(logits) for logits in chunks)
+        summary = probability_summary(moved, softmax_with_entropy, categorical_entropy)
+        back = self._axis(summary["mean"].unsqueeze(0))  # the same class axis in a per-sample output [B, ...]
+        return {k: v.movedim(-1, back) if k in ("mean", "std") else v for k, v in summary.items()}
+
+    def _classes_last(self, logits: Outputs) -> Tensor:
+        """Stacked logits ``[S, B, ...]`` with the class axis moved last."""
+        assert isinstance(logits, Tensor)
+        return logits.movedim(self._axis(logits), -1)
 
     def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         axis = self._axis(mean)

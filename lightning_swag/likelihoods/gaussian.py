@@ -15,6 +15,7 @@ and ``tune_scale`` scores the mixture NLL.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,8 +23,13 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, MeanSquaredError
 
-from lightning_swag.likelihoods.base import Likelihood, Outputs, TestMetrics, values_of
-from lightning_swag.likelihoods.summaries import RunningMean, RunningMoments, heteroscedastic_mean_variance
+from lightning_swag.likelihoods.likelihood import Likelihood, Outputs, TestMetrics, values_of
+from lightning_swag.likelihoods.summaries import (
+    gaussian_mixture_summary,
+    heteroscedastic_mean_variance,
+    mixture_summary,
+    moments_summary,
+)
 from lightning_swag.metrics import RegressionUncertaintyMetrics, fit_gaussian_noise, gaussian_mixture_nll
 
 __all__ = ["GaussianNoise", "Heteroscedastic", "Regression", "regression_targets"]
@@ -57,14 +63,10 @@ class Regression(Likelihood):
     """No noise model: the BMA mean and the spread of the sampled outputs."""
 
     task = "regression"
+    fits_noise = True
 
     def summarize(self, chunks: Iterable[Outputs]) -> dict[str, Tensor]:
-        moments = RunningMoments()
-        for outputs in chunks:
-            assert isinstance(outputs, Tensor)
-            moments.update(outputs)
-        assert moments.mean is not None and moments.variance is not None
-        return {"mean": moments.mean, "std": moments.variance.sqrt_()}
+        return moments_summary(chunks)  # type: ignore[arg-type]
 
     def summarize_gaussian(self, mean: Tensor, variance: Tensor) -> dict[str, Tensor]:
         spread, centre = mean.var(dim=0, correction=0), mean.mean(dim=0)
@@ -92,18 +94,12 @@ class _Mixture(Likelihood):
     task = "regression"
     needs_samples = True
 
+    @abstractmethod
     def components(self, outputs: Outputs) -> tuple[Tensor, Tensor]:
         """Per-sample means and noise variances ``[S, B, ...]`` (the variances may broadcast)."""
-        raise NotImplementedError
 
     def summarize(self, chunks: Iterable[Outputs]) -> dict[str, Tensor]:
-        means, noise = RunningMoments(), RunningMean()
-        for outputs in chunks:
-            mean, variance = self.components(outputs)
-            means.update(mean)
-            noise.update(variance.expand_as(mean))
-        assert means.mean is not None and means.variance is not None and noise.mean is not None
-        return _mixture_summary(means.mean, means.variance, noise.mean)
+        return gaussian_mixture_summary(self.components(outputs) for outputs in chunks)
 
     def sample_entries(self, outputs: Outputs) -> dict[str, Tensor]:
         mean, variance = self.components(outputs)
@@ -116,12 +112,12 @@ class _Mixture(Likelihood):
         means, noise = self.linearized_components(mean, variance)
         epistemic = self.epistemic_part(variance)
         spread, centre = means.var(dim=0, correction=0), means.mean(dim=0)
-        summary = _mixture_summary(centre, epistemic.mean(dim=0) + spread, noise.mean(dim=0))
+        summary = mixture_summary(centre, epistemic.mean(dim=0) + spread, noise.mean(dim=0))
         return {**summary, "samples": means, "sample_variances": epistemic + noise}
 
+    @abstractmethod
     def linearized_components(self, mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
         """The mean and the noise variance of a Gaussian over the outputs."""
-        raise NotImplementedError
 
     def epistemic_part(self, variance: Tensor) -> Tensor:
         """The variance of the mean output, from the variance of every output."""
@@ -156,15 +152,6 @@ class _Mixture(Likelihood):
         return float(gaussian_mixture_nll(means, variances, flat)), {}
 
 
-def _mixture_summary(mean: Tensor, epistemic_var: Tensor, aleatoric_var: Tensor) -> dict[str, Tensor]:
-    return {
-        "mean": mean,
-        "std": (epistemic_var + aleatoric_var).sqrt(),
-        "epistemic_std": epistemic_var.sqrt(),
-        "aleatoric_std": aleatoric_var.sqrt(),
-    }
-
-
 class GaussianNoise(_Mixture):
     """Homoscedastic noise ``σ`` (``tune_scale`` refits it for every candidate scale, since the two trade
     off, keeping the components' own variances: those of the linearised predictive).
@@ -172,6 +159,8 @@ class GaussianNoise(_Mixture):
     Args:
         sigma: the noise standard deviation, ``> 0``.
     """
+
+    fits_noise = True
 
     def __init__(self, sigma: float) -> None:
         self.sigma = float(sigma)

@@ -1,7 +1,9 @@
 """Bayesian-model-averaging summaries of per-sample outputs ``[S, B, ...]`` (sample axis first).
 
-Pure functions of the stacked outputs of ``S`` weight samples, used by
-:class:`~lightning_swag.SWAGModule` and usable on their own (e.g. on ``return_samples=True`` output).
+Pure functions of the stacked outputs of ``S`` weight samples, usable on their own (e.g. on
+``return_samples=True`` output). Each summary has one implementation, over chunks of samples
+(:func:`moments_summary`, :func:`probability_summary`, :func:`gaussian_mixture_summary`): the
+likelihood classes call it chunk by chunk, the ``summarize_*`` functions with one chunk.
 
 With a noise model, every weight sample ``s`` predicts a Gaussian ``N(mean_s, variance_s)`` and the
 Bayesian model average is the equal-weight Gaussian mixture over the samples;
@@ -11,6 +13,8 @@ into an epistemic part (spread of the sample means) and an aleatoric part (mean 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import Tensor
 
@@ -19,11 +23,14 @@ __all__ = [
     "RunningMoments",
     "bernoulli_entropy",
     "categorical_entropy",
+    "gaussian_mixture_summary",
+    "moments_summary",
+    "probability_summary",
     "sample_var_mean",
     "sigmoid_with_entropy",
     "softmax_with_entropy",
     "heteroscedastic_mean_variance",
-    "summarize_binary",
+    "mixture_summary",
     "summarize_classification",
     "summarize_gaussian_mixture",
     "summarize_heteroscedastic",
@@ -128,46 +135,77 @@ class RunningMoments:
         self.count = total
 
 
+def moments_summary(chunks: Iterable[Tensor]) -> dict[str, Tensor]:
+    """``mean`` and ``std`` (``correction=0``) over the sample axis of all chunks ``[n, B, ...]``:
+    the one implementation behind :func:`summarize_regression` and the ``Regression`` likelihood."""
+    moments = RunningMoments()
+    for outputs in chunks:
+        moments.update(outputs)
+    assert moments.mean is not None and moments.variance is not None, "no chunks to summarise"
+    return {"mean": moments.mean, "std": moments.variance.sqrt_()}
+
+
+def probability_summary(
+    chunks: Iterable[Tensor],
+    link: Callable[[Tensor], tuple[Tensor, Tensor]],
+    entropy: Callable[[Tensor], Tensor],
+) -> dict[str, Tensor]:
+    """BMA summary of logit chunks ``[n, B, ...]`` under ``link`` (logits to probabilities and each
+    sample's entropy): mean and std of the probabilities, the entropy of the mean and the mutual
+    information (entropy of the mean − mean entropy). The one implementation behind
+    :func:`summarize_classification` and the categorical and Bernoulli likelihoods."""
+    moments, entropies = RunningMoments(), RunningMean()
+    for logits in chunks:
+        probs, sample_entropy = link(logits.to(summary_dtype(logits)))
+        moments.update(probs)
+        entropies.update(sample_entropy)
+    assert moments.mean is not None and moments.variance is not None and entropies.mean is not None
+    mean_entropy = entropy(moments.mean)
+    if moments.count > 1:
+        mutual = (mean_entropy - entropies.mean).clamp_(min=0)
+    else:  # one sample cannot disagree with itself: exactly 0, not the rounding of two entropy formulas
+        mutual = torch.zeros_like(mean_entropy)
+    return {
+        "mean": moments.mean,
+        "std": moments.variance.sqrt_(),
+        "entropy": mean_entropy,
+        "mutual_information": mutual,
+    }
+
+
+def mixture_summary(mean: Tensor, epistemic_var: Tensor, aleatoric_var: Tensor) -> dict[str, Tensor]:
+    """The summary of a Gaussian mixture from its mean and the two parts of its variance."""
+    return {
+        "mean": mean,
+        "std": (epistemic_var + aleatoric_var).sqrt(),
+        "epistemic_std": epistemic_var.sqrt(),
+        "aleatoric_std": aleatoric_var.sqrt(),
+    }
+
+
+def gaussian_mixture_summary(components: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """:func:`mixture_summary` of chunks of components ``(means, variances)`` (variances broadcastable
+    to means): the one implementation behind :func:`summarize_gaussian_mixture` and the noise models."""
+    means, noise = RunningMoments(), RunningMean()
+    for mean, variance in components:
+        means.update(mean)
+        noise.update(variance.expand_as(mean))
+    assert means.mean is not None and means.variance is not None and noise.mean is not None
+    return mixture_summary(means.mean, means.variance, noise.mean)
+
+
 def summarize_regression(outputs: Tensor) -> dict[str, Tensor]:
     """Mean and standard deviation over the sample axis (dim 0) of ``[S, B, ...]`` outputs.
 
     The std is the spread of the Monte-Carlo mixture (``correction=0``), so ``S = 1`` gives 0.
     """
-    var, mean = sample_var_mean(outputs)
-    return {"mean": mean, "std": var.sqrt_()}
+    return moments_summary([outputs])
 
 
 def summarize_classification(logits: Tensor) -> dict[str, Tensor]:
     """BMA summary of ``[S, B, C]`` logits: mean and std of the softmax probabilities,
     predictive entropy of the mean, and mutual information (entropy of the mean − mean entropy)."""
-    probs, sample_entropy = softmax_with_entropy(logits.to(summary_dtype(logits)))
-    var, mean = sample_var_mean(probs)
-    std = var.sqrt_()
-    entropy = categorical_entropy(mean)
-    expected_entropy = sample_entropy.mean(dim=0)
-    return {
-        "mean": mean,
-        "std": std,
-        "entropy": entropy,
-        # one sample cannot disagree with itself: exactly 0, not the rounding of two entropy formulas
-        "mutual_information": (entropy - expected_entropy).clamp_(min=0)
-        if logits.shape[0] > 1
-        else torch.zeros_like(entropy),
-    }
-
-
-def summarize_binary(logits: Tensor) -> dict[str, Tensor]:
-    """BMA summary of ``[S, B, ...]`` logits of independent binary outcomes (sigmoid): mean and std of
-    the probabilities, the entropy of the mean probability and the mutual information, elementwise."""
-    probs, sample_entropy = sigmoid_with_entropy(logits.to(summary_dtype(logits)))
-    var, mean = sample_var_mean(probs)
-    entropy = bernoulli_entropy(mean)
-    mutual = (
-        (entropy - sample_entropy.mean(dim=0)).clamp_(min=0)
-        if logits.shape[0] > 1
-        else torch.zeros_like(entropy)
-    )
-    return {"mean": mean, "std": var.sqrt_(), "entropy": entropy, "mutual_information": mutual}
+    return probability_summary([logits], softmax_with_entropy, categorical_entropy)
 
 
 def heteroscedastic_mean_variance(outputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -205,14 +243,7 @@ def summarize_gaussian_mixture(means: Tensor, variances: Tensor | float) -> dict
     variances = torch.as_tensor(variances, dtype=means.dtype, device=means.device).expand_as(means)
     if bool((variances < 0).any()):
         raise ValueError(f"variances must be >= 0; the smallest is {float(variances.min()):.3g}.")
-    epistemic_var, mean = sample_var_mean(means)
-    aleatoric_var = variances.mean(dim=0)
-    return {
-        "mean": mean,
-        "std": (epistemic_var + aleatoric_var).sqrt(),
-        "epistemic_std": epistemic_var.sqrt(),
-        "aleatoric_std": aleatoric_var.sqrt(),
-    }
+    return gaussian_mixture_summary([(means, variances)])
 
 
 def summarize_heteroscedastic(outputs: Tensor) -> dict[str, Tensor]:

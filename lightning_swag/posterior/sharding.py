@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ __all__ = [
     "FSDP2Layout",
     "Layout",
     "Piece",
-    "ShardLayout",
+    "Span",
     "WholeLayout",
     "all_gather_columns",
     "chunk_rows",
@@ -50,7 +51,8 @@ __all__ = [
     "reshard_fsdp",
 ]
 
-Span = tuple[int, int, int]  # (local start, global start, count)
+Span = tuple[int, int, int]
+"""``(local start, global start, count)``: a run of columns contiguous both locally and globally."""
 
 
 @functools.cache
@@ -123,11 +125,12 @@ def _offsets(shapes: Mapping[str, torch.Size]) -> dict[str, int]:
     return offsets
 
 
-class Layout:
+class Layout(ABC):
     """The pieces of the global flat weight vector that this process keeps (see the module docstring).
 
-    Build one with :meth:`whole`, :meth:`ddp_slice`, :meth:`from_row_shards`, :meth:`fsdp2` or
-    :func:`layout_for`; ``SWAGPosterior.from_model`` picks the right one.
+    An abstract base: :class:`WholeLayout`, :class:`DDPSliceLayout` and :class:`FSDP2Layout` (build them
+    with :meth:`ddp_slice`, :meth:`from_row_shards` or :func:`layout_for`; ``SWAGPosterior.from_model``
+    picks the right one).
 
     Args:
         shapes: ordered ``{canonical name: global shape}`` of the tracked parameters.
@@ -160,11 +163,6 @@ class Layout:
 
     # ------------------------------------------------------------------ constructors
     @staticmethod
-    def whole(shapes: Mapping[str, Sequence[int]]) -> WholeLayout:
-        """Every weight on this process."""
-        return WholeLayout(shapes)
-
-    @staticmethod
     def ddp_slice(shapes: Mapping[str, Sequence[int]], world_size: int, rank: int) -> DDPSliceLayout:
         """Slice ``rank`` of ``world_size`` of the flat vector (``torch.chunk`` semantics)."""
         return DDPSliceLayout.build(shapes, world_size, rank)
@@ -177,16 +175,6 @@ class Layout:
     ) -> FSDP2Layout:
         """The FSDP2 layout from ``{name: (first row, number of rows)}`` of every parameter's local shard."""
         return FSDP2Layout.from_rows(shapes, rows, placements)
-
-    @staticmethod
-    def fsdp2(named: Sequence[tuple[str, Tensor]]) -> FSDP2Layout:
-        """The layout of parameters sharded by ``fully_shard`` (see :meth:`FSDP2Layout.of_parameters`)."""
-        return FSDP2Layout.of_parameters(named)
-
-    @staticmethod
-    def for_parameters(named: Sequence[tuple[str, Tensor]], shard: bool) -> Layout:
-        """:func:`layout_for` (kept under its earlier name)."""
-        return layout_for(named, shard)
 
     # ------------------------------------------------------------------ views
     @property
@@ -262,18 +250,15 @@ class Layout:
         """The whole ``[R, P]`` from every process's ``[R, num_local]`` (a collective when sharded)."""
         return all_gather_columns(local, self)
 
+    @abstractmethod
     def model_tensors(self, local: Tensor) -> dict[str, Tensor]:
         """``{name: tensor}`` to run the model with, from this process's ``[..., num_local]`` columns."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write_into(self, model: nn.Module, local: Tensor) -> None:
         """Write this process's columns ``[num_local]`` into ``model``'s tracked parameters, in place."""
-        raise ValueError(
-            f"This posterior keeps a {self.describe()}, which cannot fill a whole model: gather() it to "
-            "one process first (or predict with SWAGModule, which joins the samples)."
-        )
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Bring ``model`` into the state this layout reads and writes (FSDP2: resharded)."""
 
     def checkpoint_views(self, statistics: Mapping[str, Tensor], key: Any) -> dict[str, Tensor] | None:
@@ -300,10 +285,6 @@ class Layout:
                 )
             self._all_spans = [[tuple(span) for span in spans] for spans in gathered]  # type: ignore[misc]
         return self._all_spans
-
-
-ShardLayout = Layout
-"""The earlier name of :class:`Layout`."""
 
 
 class WholeLayout(Layout):
@@ -369,6 +350,12 @@ class DDPSliceLayout(Layout):
 
     def unflatten_local(self, flat: Tensor) -> dict[str, Tensor]:
         raise ValueError("A DDP slice cuts parameters; join the columns with all_gather_columns first.")
+
+    def write_into(self, model: nn.Module, local: Tensor) -> None:
+        raise ValueError(
+            f"This posterior keeps a {self.describe()}, which cannot fill a whole model: gather() it to "
+            "one process first (or predict with SWAGModule, which joins the samples)."
+        )
 
 
 class FSDP2Layout(Layout):
@@ -445,7 +432,7 @@ class FSDP2Layout(Layout):
             for name, value in self.unflatten_local(local).items():
                 named[name].to_local().copy_(value)
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         reshard_fsdp(model)
 
     def checkpoint_views(self, statistics: Mapping[str, Tensor], key: Any) -> dict[str, Tensor]:

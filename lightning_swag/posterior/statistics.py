@@ -20,14 +20,13 @@ import torch
 from torch import Tensor
 
 from lightning_swag.posterior.noise import StandardNormalTiles
+from lightning_swag.posterior.sharding import Span
 
 __all__ = ["DEVIATION_COLUMNS_PER_CONVERSION", "SWAGStatistics"]
 
 DEVIATION_COLUMNS_PER_CONVERSION = 2**18
 """Columns of the deviation buffer converted to the samples' dtype at a time while sampling (never a
 full converted copy of the ``[K, P]`` buffer)."""
-
-Span = tuple[int, int, int]  # (local start, global start, count)
 
 
 class SWAGStatistics:
@@ -90,7 +89,17 @@ class SWAGStatistics:
         start = self.num_snapshots % self.max_rank
         return torch.cat([self.deviations[start:], self.deviations[:start]])
 
+    def require_snapshots(self, what: str) -> None:
+        """A ``RuntimeError`` saying how to collect snapshots when there are none (nothing has a ``what``)."""
+        if self.num_snapshots == 0:
+            raise RuntimeError(
+                f"The SWAG posterior holds no snapshots yet, so it has no {what}. Collect weights first "
+                "(SWAGCallback during trainer.fit, or SWAGPosterior.collect), and check that training "
+                "reached the callback's start_epoch."
+            )
+
     def variance(self) -> Tensor:
+        """The diagonal variance ``M₂ / n`` (a new tensor)."""
         return self.sum_sq_dev / self.num_snapshots
 
     def assign(self, mean: Tensor, sum_sq_dev: Tensor, deviations: Tensor, num_snapshots: int) -> None:
@@ -102,6 +111,7 @@ class SWAGStatistics:
         self._sampling_cache.clear()
 
     def to(self, device: torch.device) -> None:
+        """Move every tensor to ``device`` (in place; cached sampling moments are dropped)."""
         self.mean = self.mean.to(device)
         self.sum_sq_dev = self.sum_sq_dev.to(device)
         self.deviations = self.deviations.to(device)
@@ -127,16 +137,17 @@ class SWAGStatistics:
         scale: float,
         seed: int,
         first_sample: int,
-        diagonal_only: bool,
         dtype: torch.dtype,
         spans: Sequence[Span],
         num_params: int,
+        low_rank: bool,
     ) -> Tensor:
         """Samples ``first_sample …`` of the seed's table, local columns ``[num_samples, num_local]``.
 
         ``spans`` place the local columns in the global vector of ``num_params`` columns, so the
-        numbers are those of the unsharded posterior's samples. Computed in float64 for float64
-        results, in float32 otherwise.
+        numbers are those of the unsharded posterior's samples. ``low_rank``: add the deviation rows'
+        term (SWAG, when ``k >= 2``) or not (SWAG-Diagonal); the diagonal noise is the same either
+        way. Computed in float64 for float64 results, in float32 otherwise.
         """
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         mean, std = self.sampling_moments(compute_dtype)
@@ -149,7 +160,7 @@ class SWAGStatistics:
             noise.diagonal(samples[:, local : local + count], first_sample, start)
         root = math.sqrt(scale)
         torch.addcmul(mean, samples, std, value=root, out=samples)  # θ̄ + √scale·√var ⊙ z₁, one pass
-        if self.rank >= 2 and not diagonal_only:
+        if low_rank and self.rank >= 2:
             z2 = noise.low_rank(first_sample, num_samples).to(compute_dtype)
             self._add_low_rank(samples, z2, root)
         return samples

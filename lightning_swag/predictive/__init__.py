@@ -1,54 +1,48 @@
 """Predictives: the BMA of a batch (see :mod:`lightning_swag.predictive.base` for the protocol).
 
-:func:`build_predictive` is the one place that maps ``SWAGModule(predictive=...)`` to a class.
+:data:`PREDICTIVES` maps the names ``SWAGModule(predictive=...)`` accepts to factories;
+:func:`build_predictive` also takes your own :class:`Predictive` instance, or a factory that builds
+one from a :class:`PredictiveContext`, so a new predictive needs no edit of the package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
-from torch import nn
-
-from lightning_swag.likelihoods import Likelihood
-from lightning_swag.posterior.swag import SWAGPosterior
-from lightning_swag.predictive.base import Predictive, RunState
-from lightning_swag.predictive.batchnorm import BatchNormRefresh
+from lightning_swag.predictive.base import Predictive, PredictiveContext, RunState
 from lightning_swag.predictive.linearized import LinearizedPredictive
-from lightning_swag.predictive.runner import ModelRunner
 from lightning_swag.predictive.sampled import SampledPredictive, stack_outputs
-from lightning_swag.predictive.weights import WeightStream
 
 __all__ = [
+    "PREDICTIVES",
     "LinearizedPredictive",
     "Predictive",
+    "PredictiveContext",
+    "PredictiveFactory",
     "RunState",
     "SampledPredictive",
     "build_predictive",
     "stack_outputs",
 ]
 
+PredictiveFactory = Callable[[PredictiveContext], Predictive]
+PREDICTIVES: dict[str, PredictiveFactory] = {
+    SampledPredictive.name: SampledPredictive.from_context,
+    LinearizedPredictive.name: LinearizedPredictive.from_context,
+}
+"""The predictives known by name."""
 
-def build_predictive(
-    kind: str,
-    likelihood: Likelihood,
-    posteriors: Sequence[SWAGPosterior],
-    model: nn.Module,
-    runner_options: dict[str, Any],
-    batchnorm: BatchNormRefresh | None,
-    progress: Callable[..., Any] | None,
-    link_approx: str = "probit",
-) -> Predictive:
-    """The predictive ``kind`` (``"sampled"`` or ``"linearized"``) over ``posteriors`` of ``model``."""
-    stream = WeightStream(posteriors, model)
-    in_place = any(post.layout.forward_in_place for post in posteriors)
-    runner = ModelRunner(
-        model,
-        stream.tracked_names,
-        accepts_pairs=likelihood.accepts_pairs,
-        in_place=in_place,
-        **runner_options,
-    )
-    if kind == "linearized":
-        return LinearizedPredictive(likelihood, stream, runner, batchnorm, link_approx)
-    return SampledPredictive(likelihood, stream, runner, batchnorm, progress)
+
+def build_predictive(choice: str | Predictive | PredictiveFactory, context: PredictiveContext) -> Predictive:
+    """The predictive ``choice`` names (see :data:`PREDICTIVES`), builds (a factory) or is (an
+    instance, used as it is)."""
+    if isinstance(choice, Predictive):
+        return choice
+    factory = PREDICTIVES[choice] if isinstance(choice, str) else choice
+    predictive = factory(context)
+    if not isinstance(predictive, Predictive):
+        raise TypeError(
+            f"The predictive factory {choice!r} returned a {type(predictive).__name__}, not a Predictive "
+            "(lightning_swag.predictive.Predictive)."
+        )
+    return predictive

@@ -10,17 +10,51 @@ call :meth:`Predictive.predict`, so a new predictive is one subclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_swag.likelihoods import Likelihood, Outputs
-from lightning_swag.predictive.weights import SamplingSpec
+from lightning_swag.posterior.protocol import layout_of
+from lightning_swag.predictive.batchnorm import BatchNormRefresh
+from lightning_swag.predictive.runner import ModelRunner
+from lightning_swag.predictive.weights import SamplingSpec, WeightStream
 
-__all__ = ["Predictive", "RunState"]
+__all__ = ["Predictive", "PredictiveContext", "RunState"]
+
+
+@dataclass(frozen=True)
+class PredictiveContext:
+    """What a predictive is built from (a factory passed as ``SWAGModule(predictive=factory)`` gets
+    one): the likelihood, the posteriors and the model, with the module's options for running it."""
+
+    likelihood: Likelihood
+    posteriors: Sequence[Any]
+    model: nn.Module
+    runner_options: Mapping[str, Any] = field(default_factory=dict)
+    """``output_transform``, ``vectorize``, ``memory_format``, ``split_forward`` (see :class:`ModelRunner`;
+    those left out take its defaults)."""
+    batchnorm: BatchNormRefresh | None = None
+    """Recomputes BatchNorm statistics for given weights (``bn_loader``), or ``None``."""
+    progress: Callable[..., Iterable[Any]] | None = None
+    link_approx: str = "probit"
+
+    def stream(self) -> WeightStream:
+        """The weight samples of the posteriors, as the model's tensors."""
+        return WeightStream(self.posteriors, self.model)
+
+    def runner(self, stream: WeightStream) -> ModelRunner:
+        """Runs the model (or the split submodule) under chunks of ``stream``'s samples."""
+        return ModelRunner(
+            self.model,
+            stream.tracked_names,
+            accepts_pairs=self.likelihood.accepts_pairs,
+            in_place=any(layout_of(post).forward_in_place for post in self.posteriors),
+            **self.runner_options,
+        )
 
 
 @dataclass(frozen=True)

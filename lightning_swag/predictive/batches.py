@@ -16,9 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["CallArguments", "call_model", "default_batch_inputs", "default_batch_targets", "single_tensor"]
+__all__ = [
+    "CallArguments",
+    "call_model",
+    "default_batch_inputs",
+    "default_batch_targets",
+    "single_tensor",
+    "to_device",
+]
 
 LABELS_KEY = "labels"
 """The targets of a ``Mapping`` batch (Hugging Face's name); the other entries are the model input."""
@@ -91,6 +99,30 @@ def _keyword_hint(inputs: Mapping[str, Any], err: TypeError) -> str:
         "SWAGModule and override batch_inputs(batch) to return (batch,): a tuple is passed as positional "
         "arguments, model(*inputs), so the mapping arrives as the one argument."
     )
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor inside it (nested tuples, lists, named tuples, mappings) moved to
+    ``device``; other values as they are."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        moved = {k: to_device(v, device) for k, v in value.items()}
+        return moved if type(value) is dict else _rebuilt(value, moved)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def _rebuilt(original: Mapping[str, Any], items: dict[str, Any]) -> Mapping[str, Any]:
+    """A mapping of ``original``'s type holding ``items`` (e.g. Hugging Face's ``BatchEncoding``), or a
+    dict when that type cannot be built from one."""
+    try:
+        return type(original)(items)  # type: ignore[call-arg]
+    except TypeError:
+        return items
 
 
 def single_tensor(inputs: Any) -> Tensor | None:

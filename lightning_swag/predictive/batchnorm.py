@@ -29,13 +29,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_swag.checks import check_batch_count
-from lightning_swag.predictive.batches import call_model, default_batch_inputs
+from lightning_swag.predictive.batches import call_model, default_batch_inputs, to_device
 from lightning_swag.predictive.subset import SplitUnavailable
 from lightning_swag.predictive.vectorize import SampleMap, Vectorize, choose_vectorization
 
@@ -164,7 +163,7 @@ def _run_passes(
         batches = itertools.islice(loader, limit) if limit is not None else loader
         with torch.no_grad():
             for seen, batch in enumerate(batches, start=1):  # noqa: B007 - `seen` is used after the loop
-                inputs = move_data_to_device(extract(batch), device)
+                inputs = to_device(extract(batch), device)
                 # momentum = 1/n at the n-th batch is the equal-weight running average that
                 # ``momentum=None`` gives, without reading num_batches_tracked (which vmap cannot).
                 for module, _ in momenta:
@@ -366,7 +365,7 @@ def _captured_inputs(
         for batch in chosen:
             model.train()
             state = {**weights, **{name: b.clone() for name, b in model.named_buffers()}}
-            yield split.capture(move_data_to_device(batch_inputs(batch), device), state)
+            yield split.capture(to_device(batch_inputs(batch), device), state)
     finally:
         for module, training in modes:
             module.training = training

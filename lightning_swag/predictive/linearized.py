@@ -2,7 +2,9 @@
 
 With ``f(θ) ≈ f(θ̄) + J (θ − θ̄)`` and the SWAG Gaussian ``θ ~ N(θ̄, scale · (diag(var) + D̂ᵀD̂ / (k − 1)))``,
 the outputs are Gaussian: ``N(f(θ̄), scale · (J diag(var) Jᵀ + (J D̂ᵀ)(J D̂ᵀ)ᵀ / (k − 1)))``. The
-low-rank term is used when ``k >= 2`` and ``covariance="low_rank"``, as in sampling. ``f`` is the
+low-rank term ``F = D̂ / √(k − 1)`` comes from the posterior's ``covariance_factors()`` (any
+:class:`~lightning_swag.posterior.protocol.GaussianPosterior`: SWAG-Diagonal, ``covariance="diagonal"``,
+has none, nor has SWAG with ``k < 2``, as in sampling; other posteriors are refused). ``f`` is the
 module the batch runs under the weights (the split submodule, or the whole model when the batch
 takes no split, see :class:`~lightning_swag.predictive.runner.PreparedInputs`), with the BatchNorm statistics
 of the SWA mean when ``bn_loader`` is given (fixed while differentiating).
@@ -44,8 +46,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_swag.likelihoods import Likelihood
-from lightning_swag.posterior.swag import SWAGPosterior
-from lightning_swag.predictive.base import Predictive, RunState
+from lightning_swag.posterior.protocol import GaussianPosterior, gaussian_of, layout_of, unflatten
+from lightning_swag.predictive.base import Predictive, PredictiveContext, RunState
 from lightning_swag.predictive.batches import CallArguments, call_model
 from lightning_swag.predictive.batchnorm import BatchNormRefresh
 from lightning_swag.predictive.runner import ExecutionPlan, ModelRunner, PreparedInputs
@@ -87,14 +89,16 @@ class LinearizedPredictive(Predictive):
         link_approx: str = "probit",
     ) -> None:
         super().__init__(likelihood)
-        first = stream.posteriors[0].param_names
+        first = list(stream.posteriors[0].param_shapes)
         for i, post in enumerate(stream.posteriors):
-            if post.is_sharded:
+            gaussian_of(post, f"posterior {i}")
+            layout = layout_of(post)
+            if layout.is_sharded:
                 raise ValueError(
                     f"predictive='linearized' needs whole posteriors, but posterior {i} keeps a "
-                    f"{post.layout.describe()}: gather() it to one process, or use predictive='sampled'."
+                    f"{layout.describe()}: gather() it to one process, or use predictive='sampled'."
                 )
-            if post.param_names != first:
+            if list(post.param_shapes) != first:
                 raise ValueError(
                     f"predictive='linearized' needs posteriors over the same parameters, but posterior {i} "
                     "tracks other ones than posterior 0."
@@ -106,6 +110,11 @@ class LinearizedPredictive(Predictive):
         self.uses_weight_samples = link_approx == "mc"
         self._moments: dict[int, tuple[Named, Named, Named]] = {}
         self._checked = False
+
+    @classmethod
+    def from_context(cls, context: PredictiveContext) -> LinearizedPredictive:
+        stream = context.stream()
+        return cls(context.likelihood, stream, context.runner(stream), context.batchnorm, context.link_approx)
 
     @property
     def plan(self) -> ExecutionPlan:
@@ -174,13 +183,12 @@ class LinearizedPredictive(Predictive):
             self._checked = True
 
     def _gaussian(
-        self, index: int, post: SWAGPosterior, prepared: PreparedInputs, spec: SamplingSpec
+        self, index: int, post: GaussianPosterior, prepared: PreparedInputs, spec: SamplingSpec
     ) -> tuple[Tensor, Tensor]:
         """Mean ``f(θ̄)`` and the per-element variance of the linearised outputs of posterior ``index``."""
         module, split = self._module(prepared)
-        mean, variance, deviations = (self._relative(t, split) for t in self._posterior_moments(index, post))
-        k = post.rank
-        rows = deviations if k >= 2 and not spec.diagonal_only else None
+        mean, variance, factor = (self._relative(t, split) for t in self._posterior_moments(index, post))
+        rows = factor or None
         axis = self._linear_axis(prepared)
         if axis is not None:
             out, diag, low = _linear_moments(module, axis, prepared.inputs, mean, variance, rows)
@@ -196,7 +204,7 @@ class LinearizedPredictive(Predictive):
                 diag[where] = (jac.square() @ flat_var).reshape(-1, *out.shape[1:])
                 if low is not None and flat_rows is not None:
                     low[where] = (jac @ flat_rows.T).square().sum(dim=-1).reshape(-1, *out.shape[1:])
-        total = diag if low is None else diag + low / (k - 1)
+        total = diag if low is None else diag + low
         return out.to(total.dtype), total * spec.scale
 
     def _jacobian_draws(self, prepared: PreparedInputs, run: RunState) -> Tensor:
@@ -253,25 +261,28 @@ class LinearizedPredictive(Predictive):
         """``tensors`` (model names) as the module of the batch names them."""
         return dict(tensors) if split is None else split.relative(tensors)
 
-    def _posterior_moments(self, index: int, post: SWAGPosterior) -> tuple[Named, Named, Named]:
-        """Mean, variance and deviation rows of ``post`` by model name, each in its parameter's dtype
-        on the model's device (cached for the run; normal tensors even under ``inference_mode``)."""
+    def _posterior_moments(self, index: int, post: GaussianPosterior) -> tuple[Named, Named, Named]:
+        """Mean, variance and low-rank factor rows ``F`` (covariance ``diag(variance) + FᵀF``, see
+        :class:`~lightning_swag.posterior.protocol.GaussianPosterior`; ``{}`` without a low-rank term)
+        of ``post`` by model name, each in its parameter's dtype on the model's device (cached for the
+        run; normal tensors even under ``inference_mode``)."""
         if index not in self._moments:
             stream = self.stream
 
             def named(flat: Tensor) -> Named:
-                parts = post.unflatten(flat.to(stream.device))
+                parts = unflatten(post.param_shapes, flat.to(stream.device))
                 return {stream.model_name(n): v.to(stream.model_dtype(n)) for n, v in parts.items()}
 
             with torch.inference_mode(False):
+                variance, factor = post.covariance_factors()
                 self._moments[index] = (
                     named(post.mean.clone()),
-                    named(post.variance.clone()),
-                    named(post.deviations.clone()) if post.rank else {},
+                    named(variance.clone()),
+                    named(factor.clone()) if factor is not None else {},
                 )
         return self._moments[index]
 
-    def _linearization(self, index: int, post: SWAGPosterior, prepared: PreparedInputs) -> _Linearization:
+    def _linearization(self, index: int, post: GaussianPosterior, prepared: PreparedInputs) -> _Linearization:
         """The module of the batch at the SWA mean of posterior ``index`` (with its refreshed BatchNorm
         statistics when ``bn_loader`` is given)."""
         module, split = self._module(prepared)
@@ -287,7 +298,7 @@ class LinearizedPredictive(Predictive):
                 self.runner.split_candidate,
             )
             buffers = {name: value[0] for name, value in refreshed.items()}
-        extract = self.runner.extract if split is None else _identity
+        extract = self.runner.extractor(split)
         owner = type(self.runner.model).__name__ + ("" if split is None else f" (submodule {split.prefix!r})")
         return _Linearization(
             module,
@@ -297,10 +308,6 @@ class LinearizedPredictive(Predictive):
             _as_call(prepared.inputs),
             owner,
         )
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 class _Linearization:
@@ -465,8 +472,8 @@ def _work_dtype(out: Tensor) -> torch.dtype:
 def _linear_moments(
     module: nn.Module, axis: int, inputs: Any, mean: Named, variance: Named, deviations: Named | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Exact output mean, diagonal term and (unnormalised) low-rank term of a module that is linear
-    per position along its feature ``axis`` (see :func:`_linear_axis`)."""
+    """Exact output mean, diagonal term and low-rank term (of the factor rows ``deviations``) of a
+    module that is linear per position along its feature ``axis`` (see :func:`_linear_axis`)."""
     arguments = _as_call(inputs)
     if len(arguments.args) != 1 or arguments.kwargs or not isinstance(arguments.args[0], Tensor):
         raise TypeError("A linear layer takes one tensor; got its call arguments in another form.")

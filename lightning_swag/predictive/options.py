@@ -9,23 +9,26 @@ bad value is refused when it is set.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning_swag.checks import (
     check_batch_count,
     check_choice,
+    check_class_dim,
     check_int,
     check_positive,
     check_scale,
     check_seed,
 )
+from lightning_swag.likelihoods import Likelihood, Task
+from lightning_swag.predictive import PREDICTIVES, Predictive, PredictiveFactory
 
-__all__ = ["COVARIANCES", "Covariance", "Option", "PredictiveKind", "check_option"]
+__all__ = ["COVARIANCES", "Covariance", "Option", "PredictiveChoice", "check_option"]
 
 Covariance = Literal["low_rank", "diagonal"]
-PredictiveKind = Literal["sampled", "linearized"]
+PredictiveChoice = Literal["sampled", "linearized"] | Predictive | PredictiveFactory
+"""A predictive's name (a key of :data:`~lightning_swag.predictive.PREDICTIVES`), an instance, or a factory."""
 COVARIANCES = ("low_rank", "diagonal")
-TASKS = ("regression", "classification", "binary", "multilabel")
 
 
 def _bool(name: str) -> Callable[[Any], bool]:
@@ -60,15 +63,26 @@ def _noise(value: Any) -> float | str | None:
         ) from None
 
 
+def _task(value: Any) -> Any:
+    if isinstance(value, Likelihood):
+        return value
+    return check_choice("task", value, get_args(Task))
+
+
+def _predictive(value: Any) -> Any:
+    if isinstance(value, Predictive) or (callable(value) and not isinstance(value, str)):
+        return value
+    if value in PREDICTIVES:
+        return value
+    raise ValueError(
+        f"predictive must be one of {sorted(PREDICTIVES)}, a Predictive instance or a factory that builds one "
+        f"from a PredictiveContext (lightning_swag.predictive), got {value!r}."
+    )
+
+
 def _callable(value: Any) -> Any:
     if value is not None and not callable(value):
         raise TypeError(f"output_transform must be callable or None, got {type(value).__name__}.")
-    return value
-
-
-def _class_dim(value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0):
-        raise ValueError(f"class_dim must be None or a non-zero int (1 or -1), got {value!r}.")
     return value
 
 
@@ -91,7 +105,7 @@ def _num_samples(value: Any) -> int:
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "num_samples": _num_samples,
     "scale": check_scale,
-    "task": _choice("task", TASKS),
+    "task": _task,
     "covariance": _choice("covariance", COVARIANCES),
     "return_samples": _bool("return_samples"),
     "seed": check_seed,
@@ -102,9 +116,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "output_transform": _callable,
     "noise": _noise,
     "memory_format": _choice("memory_format", ("auto", "channels_last", "preserve")),
-    "class_dim": _class_dim,
+    "class_dim": check_class_dim,
     "ignore_index": _ignore_index,
-    "predictive": _choice("predictive", ("sampled", "linearized")),
+    "predictive": _predictive,
     "link_approx": _choice("link_approx", ("probit", "mc")),
     "split_forward": _bool("split_forward"),
 }

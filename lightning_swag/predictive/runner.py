@@ -31,6 +31,7 @@ from lightning_swag.posterior.sharding import reshard_fsdp
 from lightning_swag.predictive.batches import call_model, single_tensor
 from lightning_swag.predictive.subset import SplitForward, SplitUnavailable, find_split
 from lightning_swag.predictive.vectorize import OutputTypeError, SampleMap, Vectorize, choose_vectorization
+from lightning_swag.predictive.weights import Chunk
 
 __all__ = [
     "ExecutionPlan",
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 MemoryFormat = Literal["auto", "channels_last", "preserve"]
-Chunk = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,12 @@ class ModelRunner:
         self,
         model: nn.Module,
         tracked: list[str],
-        output_transform: Callable[[Any], Any] | None,
-        accepts_pairs: bool,
-        vectorize: Vectorize | bool,
-        memory_format: MemoryFormat,
-        split_forward: bool,
-        in_place: bool,
+        output_transform: Callable[[Any], Any] | None = None,
+        accepts_pairs: bool = False,
+        vectorize: Vectorize | bool = "auto",
+        memory_format: MemoryFormat = "auto",
+        split_forward: bool = True,
+        in_place: bool = False,
     ) -> None:
         self.model = model
         self.output_transform = output_transform
@@ -269,7 +269,7 @@ class ModelRunner:
         base, aliases = self._state(module)
         if split is not None:
             chunk, buffers = split.relative(chunk), split.relative(buffers)
-        extract = self.extract if split is None else _identity
+        extract = self.extractor(split)
 
         def run_sample(weights: dict[str, Tensor], bufs: dict[str, Tensor], args: Any) -> Any:
             state = {**base, **weights, **bufs}
@@ -281,6 +281,12 @@ class ModelRunner:
             )
 
         return self._mapper(run_sample, chunk, buffers, inputs, model_name=self._owner)
+
+    def extractor(self, split: SplitForward | None) -> Callable[[Any], Any]:
+        """What turns the output of the module run under the samples into the tensor to average: the
+        model's raw output through :meth:`extract`; a split submodule's output as it is (the split is
+        only taken when that output *is* the model's)."""
+        return self.extract if split is None else _identity
 
     def extract(self, raw: Any) -> Any:
         """The tensor to average from one raw model output (see :func:`extract_output`)."""

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from lightning_swag.likelihoods import Likelihood, Outputs
-from lightning_swag.predictive.base import Predictive, RunState
+from lightning_swag.posterior.protocol import layout_of
+from lightning_swag.predictive.base import Predictive, PredictiveContext, RunState
 from lightning_swag.predictive.batchnorm import BatchNormRefresh
 from lightning_swag.predictive.runner import ExecutionPlan, ModelRunner
 from lightning_swag.predictive.weights import SamplingSpec, WeightStream
@@ -50,6 +51,11 @@ class SampledPredictive(Predictive):
         self.progress = progress
         self._checked = False
 
+    @classmethod
+    def from_context(cls, context: PredictiveContext) -> SampledPredictive:
+        stream = context.stream()
+        return cls(context.likelihood, stream, context.runner(stream), context.batchnorm, context.progress)
+
     @property
     def plan(self) -> ExecutionPlan:
         return self.runner.plan
@@ -58,7 +64,7 @@ class SampledPredictive(Predictive):
         """Whether every batch runs collectives (so processes must run the same number of batches):
         FSDP2 forwards, or DDP slices whose samples do not fit the cache and are joined per batch.
         Samples that fit are joined here, once, by every process at the start of the run."""
-        layouts = [post.layout for post in self.stream.posteriors]
+        layouts = [layout_of(post) for post in self.stream.posteriors]
         if any(layout.forward_in_place for layout in layouts):
             return True
         if not any(layout.joins_samples for layout in layouts):
@@ -67,7 +73,7 @@ class SampledPredictive(Predictive):
 
     def start_run(self, run: RunState) -> None:
         """Join sharded samples that fit the cache now, on every process (a collective)."""
-        if any(post.layout.joins_samples for post in self.stream.posteriors) and self.stream.fits_cache(
+        if any(layout_of(post).joins_samples for post in self.stream.posteriors) and self.stream.fits_cache(
             run.spec
         ):
             self.stream.chunks(run.spec, run.seed)
@@ -79,7 +85,7 @@ class SampledPredictive(Predictive):
 
     def outputs(self, inputs: Any, run: RunState) -> Iterator[Outputs]:
         """The outputs of every chunk of samples on ``inputs``, in sample order."""
-        self.runner.decide(inputs, self.stream.mean_weights())
+        self.runner.decide(inputs, self.stream.mean_weights)  # called once, at the first batch
         prepared = self.runner.prepare_inputs(inputs)
         chunks = self.stream.chunks(
             run.spec, run.seed, self.runner.prepare_chunk, self.progress, key=self.runner.prepare_key

@@ -121,7 +121,7 @@ class SplitForward:
         self.model = model
         self.prefix = prefix
         self.submodule = submodule
-        self.extract = extract if extract is not None else _identity
+        self.extract = extract
 
     def relative(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``tensors`` named inside the submodule (the model's names without the prefix); others dropped."""
@@ -147,7 +147,7 @@ class SplitForward:
                     raw = call_model(self.model, normal)
                 else:
                     raw = call_model(lambda *a, **k: functional_call(self.model, dict(weights), a, k), normal)
-                full = self.extract(raw)
+                full = self.extract(raw) if self.extract is not None else raw
         finally:
             pre.remove()
             post.remove()
@@ -177,17 +177,12 @@ class SplitForward:
             )
         with torch.inference_mode(False), torch.no_grad():
             normal = _without_inference_tensors(inputs)
-            full = self.extract(
-                call_model(lambda *a, **k: functional_call(self.model, weights, a, k), normal)
-            )
+            raw = call_model(lambda *a, **k: functional_call(self.model, weights, a, k), normal)
+            full = self.extract(raw) if self.extract is not None else raw
             alone = functional_call(self.submodule, self.relative(weights), arguments.args, arguments.kwargs)
         if not isinstance(alone, Tensor) or alone.shape != full.shape or not torch.equal(alone, full):
             return f"running {self.prefix!r} alone does not reproduce the model's output"
         return None
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 def _perturbed(tracked: Mapping[str, Tensor]) -> dict[str, Tensor]:

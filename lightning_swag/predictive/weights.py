@@ -1,10 +1,11 @@
 """The weight stream: chunks of weight samples of one or more posteriors, as the model's tensors.
 
-Sample ``i`` of posterior ``j`` is sample ``i`` of the seed ``derive_seed(run seed, j)`` (see
-:meth:`SWAGPosterior.sample`), so neither the chunking nor the batches change it. Each chunk is
-``{name inside the model: [n, *shape]}`` on the model's device, every tensor in its own
-parameter's dtype. A posterior's layout turns its local columns into model tensors (a DDP slice
-joins the columns of all processes, a collective; FSDP2 shards stay local). When all samples fit in
+Sample ``i`` of posterior ``j`` is sample ``i`` of the seed ``derive_seed(run seed, j)``, drawn with
+the posterior's ``sample_weights`` (the :class:`~lightning_swag.posterior.protocol.Posterior`
+protocol, which fixes a sample by its seed and index), so neither the chunking nor the batches change
+it. Each chunk is ``{name inside the model: [n, *shape]}`` on the model's device, every tensor in its
+own parameter's dtype (a sharded SWAG posterior gives this process's model tensors: a DDP slice joins
+the columns of all processes, a collective; FSDP2 shards stay local). When all samples fit in
 :data:`CACHE_BYTES` (and no ``chunk_size`` below ``num_samples`` bounds the memory to one chunk) they
 are kept for the next batch of the same run. Plain torch.
 """
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_swag.posterior.noise import derive_seed
 from lightning_swag.posterior.parameters import canonical_name
-from lightning_swag.posterior.swag import SWAGPosterior
+from lightning_swag.posterior.protocol import Posterior, num_weights
 
 __all__ = ["CACHE_BYTES", "CHUNK_BYTES", "SamplingSpec", "WeightStream", "draw_run_seed"]
 
@@ -37,11 +38,11 @@ Chunk = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """What fixes the weight samples of a run (with the run seed)."""
+    """What fixes the weight samples of a run (with the run seed and the posteriors: SWAG-Diagonal is
+    the posterior ``SWAGPosterior.diagonal()``, not an option here)."""
 
     num_samples: int
     scale: float
-    diagonal_only: bool
     chunk_size: int | None
 
 
@@ -64,7 +65,7 @@ class WeightStream:
         model: the network the samples are for (names, dtypes and device are read from it).
     """
 
-    def __init__(self, posteriors: Sequence[SWAGPosterior], model: nn.Module) -> None:
+    def __init__(self, posteriors: Sequence[Posterior], model: nn.Module) -> None:
         self.posteriors = list(posteriors)
         named = dict(model.named_parameters())
         self._names = {canonical_name(n): n for n in named}
@@ -95,18 +96,22 @@ class WeightStream:
         tracked = {self._names[n] for post in self.posteriors for n in post.param_shapes}
         return [n for n in self._dtypes if n in tracked]
 
-    def chunk_size(self, post: SWAGPosterior, spec: SamplingSpec) -> int:
+    def chunk_size(self, post: Posterior, spec: SamplingSpec) -> int:
+        """Samples of ``post`` drawn at once: ``spec.chunk_size``, else as many as fit :data:`CHUNK_BYTES`."""
         if spec.chunk_size is not None:
             return spec.chunk_size
-        budget = CHUNK_BYTES // (self.draw_dtype.itemsize * post.num_params)
+        budget = CHUNK_BYTES // (self.draw_dtype.itemsize * num_weights(post))
         return max(1, min(spec.num_samples, budget))
 
     def num_chunks(self, spec: SamplingSpec) -> int:
+        """Chunks of a run, all posteriors together."""
         return sum(math.ceil(spec.num_samples / self.chunk_size(post, spec)) for post in self.posteriors)
 
     def total_bytes(self, spec: SamplingSpec) -> int:
         """Bytes of all samples of a run (whole weight vectors, in the draw dtype)."""
-        return self.draw_dtype.itemsize * spec.num_samples * sum(post.num_params for post in self.posteriors)
+        return (
+            self.draw_dtype.itemsize * spec.num_samples * sum(num_weights(post) for post in self.posteriors)
+        )
 
     def fits_cache(self, spec: SamplingSpec) -> bool:
         """Whether the run's samples are kept between batches: they fit :data:`CACHE_BYTES`, and no
@@ -154,11 +159,12 @@ class WeightStream:
         self._prepared = None
 
     def mean_weights(self) -> Chunk:
-        """The SWA means as a one-sample chunk of every tracked parameter (where posteriors share a
-        parameter, the first one's)."""
+        """The posteriors' centres (sample 0 of seed 0 at ``scale=0``: a SWAG posterior's SWA mean) as a
+        one-sample chunk of every tracked parameter (where posteriors share a parameter, the first
+        one's)."""
         merged: Chunk = {}
         for post in reversed(self.posteriors):
-            merged.update(self._draw(post, SamplingSpec(1, 0.0, True, 1), 0, 0))
+            merged.update(self._draw(post, SamplingSpec(1, 0.0, 1), 0, 0))
         return merged
 
     def _draw_all(self, spec: SamplingSpec, run_seed: int) -> Iterator[Chunk]:
@@ -170,19 +176,18 @@ class WeightStream:
                     post, SamplingSpec(min(size, spec.num_samples - start), *_rest(spec)), seed, start
                 )
 
-    def _draw(self, post: SWAGPosterior, spec: SamplingSpec, seed: int, start: int) -> Chunk:
-        local = post.sample_local(
+    def _draw(self, post: Posterior, spec: SamplingSpec, seed: int, start: int) -> Chunk:
+        parts = post.sample_weights(
             spec.num_samples,
-            spec.scale,
             seed=seed,
             first_sample=start,
-            diagonal_only=spec.diagonal_only,
+            scale=spec.scale,
             dtype=self.draw_dtype,
             device=self.device,
         )
-        parts = post.layout.model_tensors(local)
-        return {self._names[n]: v.to(self._dtypes[self._names[n]]) for n, v in parts.items()}
+        names, dtypes = self._names, self._dtypes
+        return {names[n]: v.to(device=self.device, dtype=dtypes[names[n]]) for n, v in parts.items()}
 
 
-def _rest(spec: SamplingSpec) -> tuple[float, bool, int | None]:
-    return spec.scale, spec.diagonal_only, spec.chunk_size
+def _rest(spec: SamplingSpec) -> tuple[float, int | None]:
+    return spec.scale, spec.chunk_size

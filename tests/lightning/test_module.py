@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swag import SWAGModule, SWAGPosterior
-from lightning_swag.posterior.swag import derive_seed
+from lightning_swag.posterior.noise import derive_seed
 
 _posterior_for = random_walk_posterior  # step 0.2
 
@@ -32,9 +32,8 @@ def _explicit_outputs(net, post, x, num_samples, scale, seed, diagonal_only=Fals
     """The reference BMA: draw weights, load them into a copy of the model, run it, one sample at a time.
 
     SWAGModule documents that sample i of posterior j is sample i of ``derive_seed(seed, j)``."""
-    weights = post.sample(
-        num_samples, scale=scale, seed=derive_seed(seed, posterior_index), diagonal_only=diagonal_only
-    )
+    drawn = post.diagonal() if diagonal_only else post
+    weights = drawn.sample(num_samples, scale=scale, seed=derive_seed(seed, posterior_index))
     model = copy.deepcopy(net).eval()
     outs = []
     with torch.no_grad():

@@ -28,14 +28,14 @@ from lightning_swag.posterior.format import (
     posterior_states,
     sharded_statistic_key,
 )
-from lightning_swag.posterior.sharding import ShardLayout, chunk_rows
+from lightning_swag.posterior.sharding import Layout, chunk_rows
 
 SCRIPT = Path(__file__).parents[1] / "sharded_script.py"
 SHAPES = {"a.weight": (3, 4), "a.bias": (3,), "b.weight": (5, 3), "b.bias": (5,), "c.weight": (1, 5)}
 
 
 # ---------------------------------------------------------------------- one process: layouts
-def _join(parts: list[torch.Tensor], layouts: list[ShardLayout]) -> torch.Tensor:
+def _join(parts: list[torch.Tensor], layouts: list[Layout]) -> torch.Tensor:
     """The processes' columns ``[..., num_local]`` put back into ``[..., P]`` by their pieces."""
     out = parts[0].new_full((*parts[0].shape[:-1], layouts[0].num_params), float("nan"))
     for part, layout in zip(parts, layouts, strict=True):
@@ -46,10 +46,10 @@ def _join(parts: list[torch.Tensor], layouts: list[ShardLayout]) -> torch.Tensor
     return out
 
 
-def _row_layouts(shapes: dict[str, tuple[int, ...]], world: int) -> list[ShardLayout]:
+def _row_layouts(shapes: dict[str, tuple[int, ...]], world: int) -> list[Layout]:
     """FSDP2-like layouts (``torch.chunk`` of every parameter's rows) without processes."""
     return [
-        ShardLayout.from_row_shards(shapes, {n: chunk_rows(s[0], world, r) for n, s in shapes.items()})
+        Layout.from_row_shards(shapes, {n: chunk_rows(s[0], world, r) for n, s in shapes.items()})
         for r in range(world)
     ]
 
@@ -68,7 +68,7 @@ def test_chunk_rows_gives_torch_chunk_parts(rows: int, world: int) -> None:
 def test_ddp_slices_cut_the_flat_vector_like_torch_chunk(world: int) -> None:
     total = sum(math.prod(s) for s in SHAPES.values())
     flat = torch.arange(total, dtype=torch.float64)
-    layouts = [ShardLayout.ddp_slice(SHAPES, world, r) for r in range(world)]
+    layouts = [Layout.ddp_slice(SHAPES, world, r) for r in range(world)]
     expected = list(flat.chunk(world)) + [flat[:0]] * world
     for rank, layout in enumerate(layouts):
         assert torch.equal(layout.take(flat), expected[rank])
@@ -100,9 +100,7 @@ def test_row_shards_hold_every_row_once_with_empty_pieces_kept(world: int) -> No
     assert _row_layouts(SHAPES, 2)[1].pieces[-1].count == 0  # the (1, 5) weight: empty on rank 1
 
 
-def _posteriors(
-    shapes: dict[str, tuple[int, ...]], layouts: list[ShardLayout], dtype: torch.dtype, n: int = 5
-):
+def _posteriors(shapes: dict[str, tuple[int, ...]], layouts: list[Layout], dtype: torch.dtype, n: int = 5):
     """An unsharded posterior and one per layout, fed the same ``n`` snapshots (``collect`` with whole
     tensors for the sharded ones, ``collect_flat`` for the unsharded one)."""
     g = torch.Generator().manual_seed(0)
@@ -127,7 +125,7 @@ def _posteriors(
 def test_sharded_statistics_and_samples_are_the_unsharded_ones(shapes, kind) -> None:
     world = int(kind[-1])
     layouts = (
-        [ShardLayout.ddp_slice(shapes, world, r) for r in range(world)]
+        [Layout.ddp_slice(shapes, world, r) for r in range(world)]
         if kind.startswith("ddp")
         else _row_layouts(shapes, world)
     )
@@ -138,8 +136,8 @@ def test_sharded_statistics_and_samples_are_the_unsharded_ones(shapes, kind) -> 
     # the noise of a column does not depend on the sharding: the diagonal part is bitwise equal
     for dtype in (torch.float64, torch.float32):
         kwargs = {"seed": 7, "dtype": dtype}
-        diag = _join([p.sample_local(6, 0.5, diagonal_only=True, **kwargs) for p in parts], layouts)
-        assert torch.equal(diag, whole.sample(6, 0.5, diagonal_only=True, **kwargs))
+        diag = _join([p.diagonal().sample_local(6, 0.5, **kwargs) for p in parts], layouts)
+        assert torch.equal(diag, whole.diagonal().sample(6, 0.5, **kwargs))
         # with the low-rank term only the matmul's summation order may differ; any chunking
         chunked = [
             torch.cat(
@@ -158,7 +156,7 @@ def test_sharded_statistics_and_samples_are_the_unsharded_ones(shapes, kind) -> 
 
 
 def test_a_sharded_posterior_keeps_its_part_of_a_whole_state_and_refuses_whole_vector_operations() -> None:
-    layouts = [ShardLayout.ddp_slice(SHAPES, 2, r) for r in range(2)]
+    layouts = [Layout.ddp_slice(SHAPES, 2, r) for r in range(2)]
     whole, _ = _posteriors(SHAPES, [], torch.float64)
     part = SWAGPosterior(SHAPES, 3, deviation_dtype=torch.float64, layout=layouts[1])
     part.load_state_dict(whole.state_dict())

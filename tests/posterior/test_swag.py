@@ -100,20 +100,21 @@ def test_sample_covariance_matches_formula() -> None:
     torch.testing.assert_close(cov, expected_cov, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("mode", ["max_rank_0", "diagonal_only"])
+@pytest.mark.parametrize("mode", ["max_rank_0", "diagonal"])
 def test_diagonal_mode_has_diagonal_covariance(mode: str) -> None:
     net = nn.Linear(2, 2)
     post = SWAGPosterior.from_model(net, max_rank=0 if mode == "max_rank_0" else 4)
     _random_walk(net, post, 6, seed=4)
     g = torch.Generator().manual_seed(0)
-    samples = post.sample(300_000, scale=0.3, generator=g, diagonal_only=mode == "diagonal_only")
+    drawn = post.diagonal() if mode == "diagonal" else post
+    samples = drawn.sample(300_000, scale=0.3, generator=g)
     centered = samples - post.mean
     cov = centered.T @ centered / samples.shape[0]
     expected = 0.3 * torch.diag(post.variance)
     torch.testing.assert_close(cov, expected, rtol=0, atol=0.02 * expected.max().item())
 
 
-def test_rank_one_uses_diagonal_only() -> None:
+def test_rank_one_has_no_low_rank_term() -> None:
     net = nn.Linear(2, 1)
     post = SWAGPosterior.from_model(net, max_rank=5)
     _random_walk(net, post, 1)
@@ -263,7 +264,7 @@ def test_a_seed_gives_the_same_samples_in_any_chunking(num_params: int) -> None:
 
 @pytest.mark.parametrize("num_params", [50, 3000, 3 * 16384 + 5])
 def test_any_column_range_draws_its_own_part_of_the_noise_table(num_params: int) -> None:
-    from lightning_swag.posterior.swag import StandardNormalTiles
+    from lightning_swag.posterior.noise import StandardNormalTiles
 
     tiles = StandardNormalTiles(seed=5, num_params=num_params, rank=3, device="cpu")
     whole = tiles.diagonal(torch.empty(4, num_params), first_sample=2)

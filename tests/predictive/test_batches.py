@@ -63,3 +63,23 @@ def test_other_type_errors_of_the_model_pass_through_unchanged() -> None:
     with pytest.raises(TypeError, match="^unsupported operand") as err:
         call_model(forward, {"x": torch.zeros(1)})
     assert err.value.__cause__ is None
+
+
+def test_to_device_moves_every_tensor_and_keeps_the_structure() -> None:
+    from collections import OrderedDict, namedtuple
+
+    import torch
+
+    from lightning_swag.predictive.batches import to_device
+
+    Pair = namedtuple("Pair", ["x", "mask"])
+    batch = {
+        "pair": Pair(torch.ones(2), torch.zeros(2, dtype=torch.bool)),
+        "list": [torch.arange(3), "text", 4],
+        "ordered": OrderedDict(a=torch.ones(1)),
+    }
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved["pair"]) is Pair and moved["pair"].x.is_meta and moved["pair"].mask.is_meta
+    assert moved["list"][0].is_meta and moved["list"][1:] == ["text", 4]
+    assert type(moved["ordered"]) is OrderedDict and moved["ordered"]["a"].is_meta
+    assert not batch["pair"].x.is_meta  # the input is left as it was

@@ -16,7 +16,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swag import SWAGCallback, SWAGModule
-from lightning_swag.posterior.swag import derive_seed
+from lightning_swag.posterior.noise import derive_seed
 from lightning_swag.predictive.batchnorm import (
     batchnorm_buffer_names,
     has_batchnorm,

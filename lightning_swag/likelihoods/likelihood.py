@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 __all__ = [
+    "PER_SAMPLE_KEYS",
     "LinkApprox",
     "Likelihood",
     "MetricValue",
@@ -25,6 +26,9 @@ __all__ = [
     "mixture_of_probabilities",
     "values_of",
 ]
+
+PER_SAMPLE_KEYS = ("samples", "sample_variances")
+"""The entries of a BMA summary that hold one value per weight sample (``[S, B, ...]``)."""
 
 Outputs = Tensor | tuple[Tensor, Tensor]
 """The stacked outputs ``[S, B, ...]`` of a chunk of weight samples (a ``(mean, variance)`` pair of
@@ -94,6 +98,8 @@ class Likelihood(ABC):
     task: ClassVar[str]
     accepts_pairs: ClassVar[bool] = False
     """Whether a ``(mean, variance)`` pair from ``output_transform`` is a valid output."""
+    fits_noise: ClassVar[bool] = False
+    """Whether ``fit_noise`` can fit a homoscedastic noise σ for it (the Gaussian regressions)."""
     needs_samples: ClassVar[bool] = False
     """Whether test metrics and held-out scores need the per-sample outputs (not only the summary)."""
 
