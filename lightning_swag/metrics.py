@@ -15,7 +15,7 @@ does the same for the regression metrics (see the "regression" section below).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -728,7 +728,15 @@ def fit_gaussian_noise(
     def objective(log_sigma: float) -> float:
         return float(-_mixture_log_prob(m, v + math.exp(2 * log_sigma), y).mean())
 
-    grid = torch.linspace(math.log(lower), math.log(upper), grid_size, dtype=torch.float64).tolist()
+    return math.exp(_grid_then_golden(objective, math.log(lower), math.log(upper), grid_size, tolerance))
+
+
+def _grid_then_golden(
+    objective: Callable[[float], float], low: float, high: float, grid_size: int, tolerance: float
+) -> float:
+    """The minimiser of ``objective`` on ``[low, high]``: the best of a ``grid_size``-point grid, then
+    golden-section search between its neighbours down to ``tolerance``."""
+    grid = torch.linspace(low, high, grid_size, dtype=torch.float64).tolist()
     values = [objective(t) for t in grid]
     best = min(range(grid_size), key=values.__getitem__)
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, grid_size - 1)]
@@ -744,7 +752,7 @@ def fit_gaussian_noise(
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = objective(d)
-    return math.exp(0.5 * (a + b))
+    return 0.5 * (a + b)
 
 
 class RegressionUncertaintyMetrics(Metric):

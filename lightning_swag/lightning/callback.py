@@ -62,43 +62,25 @@ class SWAGCallback(Callback):
     end of epoch ``e`` when ``e >= start_epoch`` and ``(e - start_epoch) % every_n_epochs == 0``; with
     ``every_n_steps`` instead, after every ``every_n_steps``-th optimizer step (``(step_idx + 1) %
     every_n_steps == 0``) from ``start_epoch`` on. Override :meth:`should_update` for any other
-    schedule. The user's optimizer and LR schedule are left alone unless ``swa_lr`` is given.
+    schedule. The optimizer and LR schedule are left alone unless ``swa_lr`` is given.
 
     The epoch snapshot is taken right after the epoch's last optimizer step, before validation and
-    before epoch-end checkpoints are written, so a checkpoint always holds the posterior that matches
-    its weights and a resume neither loses nor repeats a snapshot.
+    checkpoints, so a checkpoint holds the posterior of its weights. Every ``fit`` in a *new* Trainer
+    starts a fresh posterior (the previous one is kept, e.g. for MultiSWAG) unless it resumes from
+    a ``ckpt_path``; ``fit`` again on the same Trainer continues it.
 
-    Runs: every ``fit`` in a *new* Trainer starts a fresh posterior (the previous one is left as it
-    was, so ``swag.posterior`` of each run can be kept, e.g. for MultiSWAG), unless it resumes from a
-    checkpoint (``ckpt_path``), whose posterior it continues. Calling ``fit`` again on the same
-    Trainer continues the same posterior.
+    Steps are Lightning's ``global_step`` (every ``optimizer.step()`` counts); a snapshot holds the
+    weights right after its step. Weights that became NaN or infinite raise a ``FloatingPointError``
+    naming the parameters, and that snapshot is not added. The tracked parameters are decided at the
+    first snapshot: those with ``requires_grad=True`` then (or those ``include`` selects), so a
+    backbone unfrozen before ``start_epoch`` is tracked, and a warning names a parameter that
+    becomes trainable later.
 
-    Steps are Lightning's ``global_step``: every ``optimizer.step()`` counts, also several in one
-    batch (manual optimization with several optimizers); a snapshot due at a step holds the weights
-    right after it. Under DDP every process holds identical weights, hence collects an identical
-    posterior. Weights that became NaN or infinite (diverged training) raise a
-    ``FloatingPointError`` naming the parameters, epoch and step; that snapshot is not added and the
-    posterior keeps the earlier ones.
-
-    Which parameters are tracked is decided at the first snapshot: those with
-    ``requires_grad=True`` then (or those of them ``include`` selects). So with progressive
-    unfreezing (``BackboneFinetuning``) a backbone unfrozen before ``start_epoch`` is tracked, and a
-    parameter that becomes trainable after the first snapshot is not (it cannot join statistics that
-    hold more snapshots than it has): a warning names it.
-
-    Sharded statistics: with ``shard=True`` under DDP every process keeps the statistics of a
-    ``1/world_size`` slice of the weights only (collection needs no communication). Under
-    ``ModelParallelStrategy`` with ``torch.distributed.fsdp.fully_shard`` applied in
-    ``configure_model`` (``tensor_parallel_size=1``), every process keeps the statistics of its own
-    parameter shards, always. ``swag.posterior`` is then the process's part: ``posterior.save(path)``
-    called on every process writes one file of the whole posterior, and ``SWAGModule`` predicts
-    with it under the same strategy. Checkpoints: a one-file checkpoint holds the whole posterior,
-    gathered to rank 0 when it is written (so every process must write it, as ``ModelCheckpoint``
-    does); a distributed checkpoint (``ModelParallelStrategy``'s default) stores each process's part
-    next to its weight shards. Other sharded strategies (``FSDPStrategy``, i.e. FSDP1, and
-    DeepSpeed) are refused in ``setup``. With spawn-based strategies (``"ddp_spawn"``) the
-    posterior stays in the worker processes (a warning says so): prefer ``strategy="ddp"`` or restore
-    it from a checkpoint.
+    Sharded statistics (``shard=True`` under DDP; always under ``ModelParallelStrategy`` with
+    ``fully_shard``): every process keeps the statistics of its part of the weights; how they are
+    saved, gathered and predicted with is in the distributed guide and
+    :mod:`lightning_swag.posterior.sharding`. ``FSDPStrategy`` (FSDP1) and DeepSpeed are refused in
+    ``setup``; with spawn-based strategies the posterior stays in the worker processes.
 
     Args:
         start_epoch: first epoch (0-based) whose weights are collected.
@@ -106,8 +88,7 @@ class SWAGCallback(Callback):
         every_n_steps: collect every this many optimizer steps instead; exclusive with
             ``every_n_epochs``.
         max_rank: deviation columns kept for the low-rank covariance (``0``: SWAG-Diagonal).
-        device: where statistics live, e.g. ``"cpu"`` to keep them off the GPU (default: the
-            model's device).
+        device: where statistics live (default: the model's device; ``"cpu"`` keeps them off the GPU).
         include: parameter names or shell patterns to track (e.g. ``["head.*"]`` for last-layer
             SWAG; a tied weight matches through any of its names), or a preset: ``"trainable"``
             (the default, every parameter with ``requires_grad=True``) or ``"lora"`` (peft adapters
@@ -238,16 +219,15 @@ class SWAGCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        checkpointing.read_state(
-            state_dict, self._state, self.max_rank, self._shards_statistics(), self._swa_lr
-        )
+        shards = self._shards_statistics()
+        checkpointing.read_state(state_dict, self._state, self.max_rank, shards, self._swa_lr)
 
     @override
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Sharded statistics: a collective (Lightning calls it on every process)."""
-        checkpointing.save_sharded_posterior(self._state.posterior, checkpoint, self.state_key)
+        post, key = self._state.posterior, self.state_key
+        checkpointing.save_sharded_posterior(post, checkpoint, key)  # a collective
 
     @override
     def on_load_checkpoint(
@@ -256,8 +236,7 @@ class SWAGCallback(Callback):
         part = checkpointing.load_distributed_part(
             checkpoint, self.state_key, trainer.ckpt_path, pl_module, self._target_device(pl_module)
         )
-        if part is not None:  # each process reads its own part from the distributed checkpoint
-            self._state.posterior = part
+        self._state.posterior = part if part is not None else self._state.posterior
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Whether to snapshot now. Called after every optimizer step with ``step_idx`` (zero-based

@@ -31,13 +31,14 @@ from lightning_swag.lightning.module import SWAGModule
 from lightning_swag.lightning.writer import SWAGPredictionWriter
 from lightning_swag.likelihoods import infer_task
 from lightning_swag.posterior.format import has_snapshots, load_file
+from lightning_swag.predictive.bma import BMA
 
 __all__ = ["SWAGLightningCLI", "cli_main", "infer_task", "main"]
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")
-# SWAGModule arguments that are objects, not options: the model comes from --model, the posterior
-# from --ckpt_path; bn_loader and output_transform are for Python users.
-_NOT_OPTIONS = {"model", "posterior", "bn_loader", "output_transform"}
+# BMA arguments that are objects, not options: the model comes from --model, the posterior from
+# --ckpt_path; bn_loader, output_transform, batch_inputs and progress are for Python users.
+_NOT_OPTIONS = {"model", "posterior", "bn_loader", "output_transform", "batch_inputs", "progress"}
 
 
 class SaveFitConfigCallback(SaveConfigCallback):
@@ -102,10 +103,11 @@ class SWAGLightningCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add ``--swag.*`` (SWAGModule's arguments) and ``--predictions.*`` (SWAGPredictionWriter's),
-        both from the signatures, so names, types, defaults and help stay those of the classes."""
+        """Add ``--swag.*`` (the options of SWAGModule, which are BMA's, documented there) and
+        ``--predictions.*`` (SWAGPredictionWriter's), both from the signatures, so names, types,
+        defaults and help stay those of the classes."""
         parser.add_class_arguments(
-            SWAGModule,
+            BMA,
             "swag",
             instantiate=False,
             skip=_NOT_OPTIONS,

@@ -240,22 +240,14 @@ class SWAGModule(L.LightningModule):
         dataloader: Iterable[Any] | L.LightningDataModule,
         scales: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
     ) -> dict[float, float]:
-        """Set ``scale`` to the candidate with the lowest predictive negative log-likelihood on held-out data.
-
-        The covariance scale trades calibration against sharpness, and the best value depends on
-        the model and the collection learning rate; choose it on a validation set, never on the
-        test set. Every candidate is scored with the same standard-normal draws (only their scale
-        differs). Classification scores the NLL of the BMA probabilities; regression needs a noise
-        model and scores the NLL of the predictive mixture. With a homoscedastic ``noise=σ``, σ is
-        refit by maximum likelihood for every candidate (scale and σ trade off) and the best pair is
-        kept.
+        """Set ``scale`` to the candidate with the lowest predictive negative log-likelihood on held-out
+        data (see :meth:`BMA.tune_scale`); choose it on a validation set, never on the test set.
 
         Args:
             dataloader: labelled held-out batches (read with :meth:`batch_inputs` and
                 :meth:`batch_targets`; kept in memory while the candidates are scored), or a
                 LightningDataModule whose ``val_dataloader`` is used.
-            scales: candidate scales (each ``>= 0``). A warning says so when the best one is the
-                largest (or the smallest non-zero) candidate.
+            scales: candidate scales (each ``>= 0``).
 
         Returns:
             ``{scale: mean NLL}`` for every candidate.
@@ -264,13 +256,7 @@ class SWAGModule(L.LightningModule):
 
     def fit_noise(self, dataloader: Iterable[Any] | L.LightningDataModule) -> float:
         """Set a homoscedastic ``noise`` σ by maximum likelihood of the predictive mixture on held-out
-        data, and return it (regression; the weight samples are those of ``seed``).
-
-        The predictive is the mixture over weight samples of ``N(mean_s(x), σ²)`` or, for
-        ``predictive="linearized"`` (``link_approx="probit"``), over posteriors of
-        ``N(mean_j(x), linearised variance_j(x) + σ²)``; σ maximises its likelihood of the held-out
-        targets (:func:`~lightning_swag.metrics.fit_gaussian_noise`). Fit it on validation data,
-        never on the test set.
+        data and return it (see :meth:`BMA.fit_noise`); fit it on validation data, never on the test set.
 
         Args:
             dataloader: labelled held-out batches, or a LightningDataModule (its ``val_dataloader``).

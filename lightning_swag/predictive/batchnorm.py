@@ -24,8 +24,10 @@ vectorised with :func:`torch.func.vmap` (a per-sample loop when the model cannot
 from __future__ import annotations
 
 import itertools
+import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_swag.checks import check_batch_count
 from lightning_swag.predictive.batches import call_model, default_batch_inputs, to_device
-from lightning_swag.predictive.subset import SplitUnavailable
+from lightning_swag.predictive.subset import SplitUnavailable, find_split
 from lightning_swag.predictive.vectorize import SampleMap, Vectorize, choose_vectorization
 
 __all__ = [
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 BatchInputs = Callable[[Any], Any]
+
+
+_log = logging.getLogger(__name__)
 
 
 def _batchnorm_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -369,3 +374,94 @@ def _captured_inputs(
     finally:
         for module, training in modes:
             module.training = training
+
+
+class BatchNormPolicy:
+    """How averaging treats a model's BatchNorm layers.
+
+    With a training loader their statistics are recomputed for every weight sample
+    (:class:`BatchNormRefresh`), and a BatchNorm layer outside the sampled submodule makes the whole
+    model run under every sample. Without one, a warning says that the trained statistics meet
+    sampled weights: at construction when that is clear, else at the first batch, from the order in
+    which the layers run (a layer that runs before every tracked parameter never sees a sample).
+
+    Args:
+        model: the network.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.present = has_batchnorm(model)
+        self._order_unknown = False
+
+    def allows_split(self, tracked: Sequence[str], refreshing: bool) -> bool:
+        """Whether the subset split may be taken: not when refreshed BatchNorm layers lie outside the
+        submodule it would sample (their statistics depend on every sample too)."""
+        if not refreshing or not self.present:
+            return True
+        candidate = find_split(self.model, tracked)
+        if candidate is None:
+            return True
+        inside = {id(m) for m in candidate.submodule.modules()}
+        outside = any(
+            has_batchnorm(m) and id(m) not in inside for m in self.model.modules() if not list(m.children())
+        )
+        if outside:
+            _log.info(
+                "SWAGModule: the rest of the network is run for every sample too, because it has BatchNorm "
+                "layers that bn_loader refreshes."
+            )
+        return not outside
+
+    def refresh(
+        self,
+        loader: Iterable | None,
+        num_batches: int | float | None,
+        batch_inputs: BatchInputs,
+        progress: Callable[[Iterable, int | None, str], Iterable] | None,
+        in_place: bool,
+    ) -> BatchNormRefresh | None:
+        """The refresh of ``loader``'s statistics (``None`` without a loader or BatchNorm layers)."""
+        if loader is None or not self.present:
+            return None
+        if in_place:
+            raise ValueError(
+                "SWAGModule: the BatchNorm refresh (bn_loader) is not supported with FSDP2-sharded models "
+                "yet; leave bn_loader unset, or predict with the unsharded model."
+            )
+        return BatchNormRefresh(loader, num_batches, batch_inputs, progress)
+
+    def warn_if_stale(self, tracked: Sequence[str] | None, split_forward: bool) -> None:
+        """At construction without a loader: warn, unless a split could prove the trained statistics
+        never meet a sample (then the first batch decides, :meth:`check_order`)."""
+        if not self.present:
+            return
+        if tracked is not None and split_forward:
+            candidate = find_split(self.model, tracked)
+            if candidate is not None and not has_batchnorm(candidate.submodule):
+                self._order_unknown = True
+                return
+        _warn_stale(type(self.model).__name__, [])
+
+    def check_order(self, tracked: Sequence[str], inputs: Any, split_kept: bool) -> None:
+        """At the first batch, when construction could not tell: warn when a BatchNorm layer runs after
+        a tracked parameter. A kept split proves there is none (the model's output is the sampled
+        submodule's)."""
+        if not self._order_unknown:
+            return
+        self._order_unknown = False
+        if split_kept:
+            return
+        late = batchnorm_downstream(self.model, tracked, inputs)
+        if late:
+            _warn_stale(type(self.model).__name__, late)
+
+
+def _warn_stale(model_name: str, layers: list[str]) -> None:
+    where = f" ({', '.join(repr(n) for n in layers)} after the sampled weights)" if layers else ""
+    warnings.warn(
+        f"SWAGModule: {model_name} has BatchNorm layers{where} but no bn_loader was given, so every weight "
+        "sample is run with the running statistics of the trained model, which do not match the sampled "
+        "weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
+        stacklevel=6,
+    )

@@ -5,7 +5,10 @@ predictive at a batch's inputs (``mean``, ``std``, ...), the same dict as
 :class:`~lightning_swag.SWAGModule` for the same options and seed. It owns the options (each checked
 when set, see :mod:`lightning_swag.predictive.options`), the posterior(s), the run seed, the
 likelihood (:mod:`lightning_swag.likelihoods`) and the predictive (:mod:`lightning_swag.predictive`),
-and tunes the scale and the noise on held-out batches. ``SWAGModule`` holds one and adds the
+and tunes the scale and the noise on held-out batches. Inputs are passed to the model as
+``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple, else ``model(inputs)``; the model
+runs in eval mode (module modes are restored afterwards). Changing an option (``bma.scale = 1.0``)
+takes effect at the next call. ``SWAGModule`` holds one and adds the
 Lightning hooks; without a Trainer, use ``BMA`` directly::
 
     bma = BMA(model, swag.posterior, num_samples=30, task="classification", seed=0)
@@ -14,7 +17,6 @@ Lightning hooks; without a Trainer, use ``BMA`` directly::
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,16 +38,14 @@ from lightning_swag.posterior.protocol import (
 )
 from lightning_swag.predictive import Predictive, PredictiveContext, RunState, build_predictive, stack_outputs
 from lightning_swag.predictive.batches import default_batch_inputs
-from lightning_swag.predictive.batchnorm import BatchNormRefresh, batchnorm_downstream, has_batchnorm
+from lightning_swag.predictive.batchnorm import BatchNormPolicy
 from lightning_swag.predictive.options import Covariance, Option, PredictiveChoice, check_option
 from lightning_swag.predictive.runner import ExecutionPlan, MemoryFormat
-from lightning_swag.predictive.subset import find_split
 from lightning_swag.predictive.vectorize import Vectorize
 from lightning_swag.predictive.weights import SamplingSpec, WeightStream, draw_run_seed
 
 __all__ = ["BMA", "Progress", "resolve_loader"]
 
-_log = logging.getLogger(__name__)
 
 Progress = Callable[..., Iterable[Any]]
 """``progress(iterable, total, description)``: the iterable wrapped in a progress bar (or as it is)."""
@@ -61,9 +61,8 @@ class BMA:
     """Bayesian model averaging over posterior samples, callable on a batch's inputs.
 
     Args:
-        model: the trained network (any ``nn.Module``, also a ``torch.compile`` one, whose
-            ``forward`` gives raw outputs; logits for classification). It is used as is and never
-            modified.
+        model: the trained network (any ``nn.Module``, also compiled) giving raw outputs (logits for
+            classification); never modified.
         posterior: the :class:`SWAGPosterior` collected for ``model`` (e.g. ``swag.posterior``), or
             several independent ones (MultiSWAG: ``num_samples`` are drawn from each). ``None`` if
             it is set later (``bma.posteriors = [...]``).
@@ -85,9 +84,8 @@ class BMA:
             256 MiB of weights). It bounds the memory of the weights and of the outputs (the
             summaries are accumulated chunk by chunk unless ``return_samples``); the results do not
             depend on it.
-        vectorize: how the samples of a chunk run: ``"auto"`` (see
-            :mod:`lightning_swag.predictive.vectorize`), or force ``"vmap"`` / ``"loop"``
-            (``True``/``False`` mean the same).
+        vectorize: ``"auto"`` (see :mod:`lightning_swag.predictive.vectorize`), ``"vmap"`` or
+            ``"loop"`` (``True``/``False``): how the samples of a chunk run.
         bn_loader: training data (a loader, or a LightningDataModule whose ``train_dataloader``
             is used) to recompute BatchNorm running statistics for every weight sample before
             predicting (``torch.optim.swa_utils.update_bn`` semantics). Without it the model's own,
@@ -97,10 +95,8 @@ class BMA:
         output_transform: maps the model's raw output to the tensor to average (e.g.
             ``lambda out: out[0]``); outputs with a ``logits`` entry (Hugging Face) need none. With
             ``noise="heteroscedastic"`` it may return a ``(mean, variance)`` pair of tensors.
-        noise: the noise model of a regression: ``None`` (the spread of the sampled outputs only), a
-            float ``σ > 0`` (homoscedastic; ``fit_noise`` sets it) or ``"heteroscedastic"`` (the
-            last output dimension holds mean and log-variance). See
-            :mod:`lightning_swag.likelihoods.gaussian`.
+        noise: a regression's noise model (:mod:`lightning_swag.likelihoods.gaussian`): ``None``, a
+            float ``σ > 0`` (``fit_noise`` sets it) or ``"heteroscedastic"`` (mean and log-variance).
         memory_format: the layout of 4-D tensors of conv nets: ``"auto"`` (channels-last on a CPU
             when a trial forward shows the model accepts it), ``"channels_last"`` or ``"preserve"``.
         class_dim: the class dimension of classification outputs with more than two dimensions:
@@ -115,18 +111,11 @@ class BMA:
         link_approx: how the linearised predictive averages a softmax or sigmoid: ``"probit"`` or
             ``"mc"`` (the linearised outputs under the run's ``num_samples`` weight samples, the
             same samples as the sampled predictive's).
-        split_forward: for a posterior over one submodule whose output is the model's output (a
-            head, the last block), run the rest of the network once per batch (checked on every
-            batch; see :mod:`lightning_swag.predictive.subset`). ``False`` always runs the whole
-            model.
+        split_forward: run the network once per batch up to the sampled submodule (a head) when its
+            output is the model's, checked on every batch (:mod:`lightning_swag.predictive.subset`).
         batch_inputs: the model input of a batch of ``bn_loader`` and of held-out data (see
             :mod:`lightning_swag.predictive.batches`).
         progress: wraps long loops (drawing cached samples, the BatchNorm refresh) in a progress bar.
-
-    Inputs are passed to the model as ``model(**inputs)`` for a mapping, ``model(*inputs)`` for a
-    tuple, else ``model(inputs)``. The model runs in eval mode (dropout off, BatchNorm on running
-    statistics); module modes are restored afterwards. Changing an option (``bma.scale = 1.0``) takes
-    effect at the next call.
     """
 
     num_samples = Option("num_samples")
@@ -181,20 +170,21 @@ class BMA:
         self._built: Predictive | None = None
         self._run_seed: int | None = None
         self._posteriors: list[Posterior] = []
-        self._batchnorm_order_unknown = False
+        self._batchnorm = BatchNormPolicy(self.model)
         options = dict(locals())
         for name in self.option_names():
             value = options[name] if name != "task" or task is not None else infer_task(self.model)
             self.__dict__[f"_option_{name}"] = check_option(name, value)
         self.likelihood  # noqa: B018 - the task's options are checked together now
-        self._warn_if_batchnorm_is_stale(posterior)
+        if self.bn_loader is None:
+            tracked = list(posterior.param_shapes) if isinstance(posterior, Posterior) else None
+            self._batchnorm.warn_if_stale(tracked, self.split_forward)
         if posterior is not None:
             self.posteriors = [posterior] if isinstance(posterior, Posterior) else posterior
 
     @classmethod
     def option_names(cls) -> list[str]:
-        """The options that can be changed after construction (every argument but ``model``,
-        ``posterior``, ``batch_inputs`` and ``progress``)."""
+        """The options that can be changed after construction (the arguments but four)."""
         return [name for name, value in vars(BMA).items() if isinstance(value, Option)]
 
     def options_changed(self, resets: bool) -> None:
@@ -210,21 +200,7 @@ class BMA:
 
     @posteriors.setter
     def posteriors(self, posteriors: Sequence[Posterior]) -> None:
-        if isinstance(posteriors, Mapping):  # iterating it would give its keys
-            raise TypeError(_STATE_DICT_GIVEN.format(what="posterior"))
-        posteriors = list(posteriors)
-        if not posteriors:
-            raise ValueError("Give at least one SWAGPosterior.")
-        for i, post in enumerate(posteriors):
-            _check_posterior(i, post, self.model)
-        if any(getattr(post, "num_snapshots", None) == 1 for post in posteriors):
-            warnings.warn(
-                "SWAGModule: a posterior holds one snapshot only, so it has no spread: every weight sample is "
-                "its SWA mean and the std of the BMA is exactly 0. Collect more snapshots (SWAGCallback's "
-                "start_epoch, every_n_epochs / every_n_steps).",
-                stacklevel=4,
-            )
-        self._posteriors = posteriors
+        self._posteriors = _checked_posteriors(posteriors, self.model)
         self._built = None
 
     @property
@@ -270,12 +246,17 @@ class BMA:
         if self._built is None:
             self._posteriors = [sharded_for(post, self.model) for post in self._posteriors]
             posteriors = self._sampled(self._posteriors)
+            loader = resolve_loader(self.bn_loader, "train") if self.bn_loader is not None else None
+            in_place = any(layout_of(post).forward_in_place for post in posteriors)
+            refresh = self._batchnorm.refresh(
+                loader, self.bn_num_batches, self.batch_inputs, self.progress, in_place
+            )
             context = PredictiveContext(
                 likelihood=self.likelihood,
                 posteriors=posteriors,
                 model=self.model,
                 runner_options=self._runner_options(),
-                batchnorm=self._batchnorm_refresh(posteriors),
+                batchnorm=refresh,
                 progress=self.progress,
                 link_approx=self.link_approx,
             )
@@ -292,7 +273,10 @@ class BMA:
         predictive = self.predictor
         with torch.no_grad(), eval_mode(self.model):
             out = predictive.predict(inputs, self.run_state(), keep_samples)
-            self._check_batchnorm_order(inputs)
+            if self.bn_loader is None:
+                plan = self.execution_plan
+                tracked = WeightStream(self._posteriors, self.model).tracked_names
+                self._batchnorm.check_order(tracked, inputs, plan is not None and plan.split is not None)
         return out
 
     @torch.no_grad()
@@ -378,7 +362,9 @@ class BMA:
         """Set ``scale`` to the candidate with the lowest predictive negative log-likelihood on the
         held-out ``(inputs, targets)`` batches, and return ``{scale: mean NLL}`` (see
         :func:`lightning_swag.predictive.tuning.tune_scale`). Every candidate is scored with the same
-        weight-sample noise; with a homoscedastic ``noise=σ``, σ is refit for every candidate."""
+        weight-sample noise. Classification scores the BMA probabilities; regression needs a noise
+        model and scores the predictive mixture; with a homoscedastic ``noise=σ``, σ is refit for
+        every candidate (scale and σ trade off). A warning says so when the best is at the edge."""
         likelihood = self.likelihood
         seed = self.current_seed()
 
@@ -411,68 +397,33 @@ class BMA:
 
     # ------------------------------------------------------------------ execution choices
     def _runner_options(self) -> dict[str, Any]:
-        split = self.split_forward
-        if split and self.bn_loader is not None and self._batchnorm_outside_split():
-            split = False
-            _log.info(
-                "SWAGModule: the rest of the network is run for every sample too, because it has BatchNorm "
-                "layers that bn_loader refreshes."
-            )
+        tracked = WeightStream(self._posteriors, self.model).tracked_names
         return {
             "output_transform": self.output_transform,
             "vectorize": self.vectorize,
             "memory_format": self.memory_format,
-            "split_forward": split,
+            "split_forward": self.split_forward
+            and self._batchnorm.allows_split(tracked, self.bn_loader is not None),
         }
 
-    def _batchnorm_outside_split(self) -> bool:
-        """Whether a BatchNorm layer lies outside the submodule a split would sample (the refresh must
-        then run the whole model under every sample)."""
-        candidate = find_split(self.model, WeightStream(self._posteriors, self.model).tracked_names)
-        if candidate is None:
-            return True
-        inside = {id(m) for m in candidate.submodule.modules()}
-        return any(
-            has_batchnorm(m) and id(m) not in inside for m in self.model.modules() if not list(m.children())
+
+def _checked_posteriors(posteriors: Sequence[Posterior], model: nn.Module) -> list[Posterior]:
+    """``posteriors`` as a list, each checked against ``model`` (see :func:`_check_posterior`)."""
+    if isinstance(posteriors, Mapping):  # iterating it would give its keys
+        raise TypeError(_STATE_DICT_GIVEN.format(what="posterior"))
+    posteriors = list(posteriors)
+    if not posteriors:
+        raise ValueError("Give at least one SWAGPosterior.")
+    for i, post in enumerate(posteriors):
+        _check_posterior(i, post, model)
+    if any(getattr(post, "num_snapshots", None) == 1 for post in posteriors):
+        warnings.warn(
+            "SWAGModule: a posterior holds one snapshot only, so it has no spread: every weight sample is "
+            "its SWA mean and the std of the BMA is exactly 0. Collect more snapshots (SWAGCallback's "
+            "start_epoch, every_n_epochs / every_n_steps).",
+            stacklevel=5,
         )
-
-    def _batchnorm_refresh(self, posteriors: list[Posterior]) -> BatchNormRefresh | None:
-        if self.bn_loader is None or not has_batchnorm(self.model):
-            return None
-        if any(layout_of(post).forward_in_place for post in posteriors):
-            raise ValueError(
-                "SWAGModule: the BatchNorm refresh (bn_loader) is not supported with FSDP2-sharded models "
-                "yet; leave bn_loader unset, or predict with the unsharded model."
-            )
-        loader = resolve_loader(self.bn_loader, "train")
-        return BatchNormRefresh(loader, self.bn_num_batches, self.batch_inputs, self.progress)
-
-    def _warn_if_batchnorm_is_stale(self, posterior: Any) -> None:
-        if self.bn_loader is not None or not has_batchnorm(self.model):
-            return
-        if isinstance(posterior, Posterior) and self.split_forward:
-            candidate = find_split(self.model, list(posterior.param_shapes))
-            if candidate is not None and not has_batchnorm(candidate.submodule):
-                # BatchNorm outside the sampled submodule is stale only where it runs after it: the
-                # first batch shows (_check_batchnorm_order).
-                self._batchnorm_order_unknown = True
-                return
-        _warn_stale_batchnorm(type(self.model).__name__, [])
-
-    def _check_batchnorm_order(self, inputs: Any) -> None:
-        """At the first batch, when construction could not tell: warn when a BatchNorm layer runs after
-        a tracked parameter (its inputs then depend on the samples). A kept split proves there is none
-        (the model's output is the sampled submodule's)."""
-        if not self._batchnorm_order_unknown:
-            return
-        self._batchnorm_order_unknown = False
-        plan = self.execution_plan
-        if self.bn_loader is not None or (plan is not None and plan.split is not None):
-            return
-        tracked = WeightStream(self._posteriors, self.model).tracked_names
-        late = batchnorm_downstream(self.model, tracked, inputs)
-        if late:
-            _warn_stale_batchnorm(type(self.model).__name__, late)
+    return posteriors
 
 
 def _check_posterior(index: int, post: Any, model: nn.Module) -> None:
@@ -493,16 +444,6 @@ def _check_posterior(index: int, post: Any, model: nn.Module) -> None:
             "this model's parameters: predict with the model it was collected from, under the same "
             "strategy, or gather() the posterior to one process first."
         )
-
-
-def _warn_stale_batchnorm(model_name: str, layers: list[str]) -> None:
-    where = f" ({', '.join(repr(n) for n in layers)} after the sampled weights)" if layers else ""
-    warnings.warn(
-        f"SWAGModule: {model_name} has BatchNorm layers{where} but no bn_loader was given, so every weight "
-        "sample is run with the running statistics of the trained model, which do not match the sampled "
-        "weights. Pass bn_loader=<training loader or DataModule> to recompute them.",
-        stacklevel=5,
-    )
 
 
 def resolve_loader(source: Any, split: str) -> Iterable[Any]:
