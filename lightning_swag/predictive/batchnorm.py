@@ -443,6 +443,11 @@ class BatchNormPolicy:
                 return
         _warn_stale(type(self.model).__name__, [])
 
+    @property
+    def order_unknown(self) -> bool:
+        """Whether the first batch must still tell (see :meth:`check_order`)."""
+        return self._order_unknown
+
     def check_order(self, tracked: Sequence[str], inputs: Any, split_kept: bool) -> None:
         """At the first batch, when construction could not tell: warn when a BatchNorm layer runs after
         a tracked parameter. A kept split proves there is none (the model's output is the sampled

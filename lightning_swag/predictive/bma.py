@@ -273,7 +273,7 @@ class BMA:
         predictive = self.predictor
         with torch.no_grad(), eval_mode(self.model):
             out = predictive.predict(inputs, self.run_state(), keep_samples)
-            if self.bn_loader is None:
+            if self.bn_loader is None and self._batchnorm.order_unknown:
                 plan = self.execution_plan
                 tracked = WeightStream(self._posteriors, self.model).tracked_names
                 self._batchnorm.check_order(tracked, inputs, plan is not None and plan.split is not None)
