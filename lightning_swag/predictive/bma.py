@@ -119,7 +119,7 @@ class BMA:
     """
 
     num_samples = Option("num_samples")
-    scale = Option("scale")
+    scale = Option("scale", resets=False)  # read from the run state: the predictive is kept
     task = Option("task")
     covariance = Option("covariance")
     return_samples = Option("return_samples", resets=False)

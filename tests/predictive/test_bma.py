@@ -190,3 +190,20 @@ def test_a_predictive_of_the_users_own_as_a_factory_and_as_an_instance() -> None
         PredictiveContext(engine.likelihood, engine.posteriors, engine.model, {"vectorize": "loop"})
     )
     torch.testing.assert_close(engine(x)["mean"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_tune_scale_keeps_the_predictive_and_every_scale_equals_a_fresh_engine() -> None:
+    net = classifier()
+    post = random_walk_posterior(net)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+    engine = BMA(net, post, task="classification", num_samples=6, seed=1)
+    engine(x)
+    built = engine.predictor
+    scores = engine.tune_scale([(x, y)], scales=(0.25, 1.0))
+    assert engine.predictor is built  # no rebuild (no new split check) per candidate
+    for scale in scores:
+        engine.scale = scale
+        fresh = BMA(net, post, task="classification", num_samples=6, seed=1, scale=scale)
+        for key, value in fresh(x).items():
+            torch.testing.assert_close(engine(x)[key], value, rtol=0, atol=0, msg=key)
