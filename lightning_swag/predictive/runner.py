@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_swag.posterior.sharding import reshard_fsdp
-from lightning_swag.predictive.batches import call_model, single_tensor
+from lightning_swag.predictive.batches import CallArguments, call_model, single_tensor
 from lightning_swag.predictive.subset import SplitForward, SplitUnavailable, find_split
 from lightning_swag.predictive.vectorize import OutputTypeError, SampleMap, Vectorize, choose_vectorization
 from lightning_swag.predictive.weights import Chunk
@@ -160,6 +160,7 @@ class ModelRunner:
         self._split: SplitForward | None = None
         self._split_refused: str | None = None
         self._split_fallbacks = 0
+        self._first_capture: tuple[Any, CallArguments | None] | None = None
         self._decided = False
 
     # ------------------------------------------------------------------ decisions at the first batch
@@ -190,9 +191,10 @@ class ModelRunner:
         if candidate is not None:
             mean = mean_weights() if callable(mean_weights) else mean_weights
             tracked = {k: v[0] for k, v in mean.items()}
-            reason = candidate.verify(self._layout(inputs), self._base(), tracked)
+            reason, captured = candidate.verify(self._layout(inputs), self._base(), tracked)
             if reason is None:
                 self._split = candidate
+                self._first_capture = (inputs, captured)  # the first batch's: not captured again
             else:
                 self._split_refused = reason
 
@@ -251,6 +253,9 @@ class ModelRunner:
         """The batch's inputs as the forward passes take them: channels-last, and, when the split is
         kept and this batch passes its checks, the submodule's captured arguments (the rest of the
         network runs here, once); else the whole model runs under every sample."""
+        first, self._first_capture = self._first_capture, None
+        if first is not None and first[0] is inputs and first[1] is not None:
+            return PreparedInputs(first[1], self._split)
         inputs = self._layout(inputs)
         if self._split is not None:
             try:

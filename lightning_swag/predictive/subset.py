@@ -137,6 +137,10 @@ class SplitForward:
         are inference tensors are copied) and without gradients. Buffers passed in ``weights`` are
         the ones a train-mode BatchNorm updates, never the model's own.
         """
+        return self._run(inputs, weights)[0]
+
+    def _run(self, inputs: Any, weights: Mapping[str, Tensor] | None) -> tuple[CallArguments, Tensor]:
+        """:meth:`capture`'s pass: the submodule's arguments and the model's output (its output)."""
         record = _CallRecord()
         pre = self.submodule.register_forward_pre_hook(record.before, with_kwargs=True)
         post = self.submodule.register_forward_hook(record.after, with_kwargs=True)
@@ -151,10 +155,14 @@ class SplitForward:
         finally:
             pre.remove()
             post.remove()
-        return record.arguments_for(full, self.prefix)
+        return record.arguments_for(full, self.prefix), full
 
-    def verify(self, inputs: Any, base: Mapping[str, Tensor], tracked: Mapping[str, Tensor]) -> str | None:
-        """Why the split path cannot replace the full one for this model, or ``None`` when it can.
+    def verify(
+        self, inputs: Any, base: Mapping[str, Tensor], tracked: Mapping[str, Tensor]
+    ) -> tuple[str | None, CallArguments | None]:
+        """Why the split path cannot replace the full one for this model (``None`` when it can), and
+        the submodule's arguments on ``inputs`` with the model's own weights (``None`` when refused),
+        which the first batch then uses: two forward passes of the model in all.
 
         ``base`` holds every parameter and buffer of the model, ``tracked`` the SWA mean of the
         tracked ones (model names, no sample dimension). The whole model runs under a perturbed copy
@@ -167,22 +175,19 @@ class SplitForward:
         weights = {**base, **_perturbed(tracked)}
         try:
             own = self.capture(inputs)
-            arguments = self.capture(inputs, weights)
+            arguments, full = self._run(inputs, weights)
         except SplitUnavailable as why:
-            return str(why)
+            return str(why), None
         if not _same_values(arguments, own):
             return (
                 f"the inputs of {self.prefix!r} depend on the tracked weights (or the forward pass is not "
                 "deterministic)"
-            )
+            ), None
         with torch.inference_mode(False), torch.no_grad():
-            normal = _without_inference_tensors(inputs)
-            raw = call_model(lambda *a, **k: functional_call(self.model, weights, a, k), normal)
-            full = self.extract(raw) if self.extract is not None else raw
             alone = functional_call(self.submodule, self.relative(weights), arguments.args, arguments.kwargs)
         if not isinstance(alone, Tensor) or alone.shape != full.shape or not torch.equal(alone, full):
-            return f"running {self.prefix!r} alone does not reproduce the model's output"
-        return None
+            return f"running {self.prefix!r} alone does not reproduce the model's output", None
+        return None, own
 
 
 def _perturbed(tracked: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -459,3 +459,22 @@ def test_the_batchnorm_refresh_checks_every_training_batch() -> None:
     split_out, full_out, split, _ = both_paths(net, post, x, bn_loader=loader)
     assert split.execution_plan is not None and split.execution_plan.split == "head"
     assert_same(split_out, full_out, atol=1e-5)
+
+
+def test_the_first_batch_runs_the_whole_model_twice_only() -> None:
+    """The first-batch check (own and perturbed weights) also captures the first batch's head inputs."""
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
+    calls = []
+    net[0].register_forward_hook(lambda *_: calls.append(1))
+    post = walk_posterior(net, ["2.*"])
+    module = SWAGModule(net, post, task="classification", num_samples=7, seed=0, vectorize="loop")
+    x = torch.randn(6, 5)
+    first = module(x)
+    assert module.execution_plan is not None and module.execution_plan.split == "2"
+    assert len(calls) == 2
+    full = SWAGModule(net, post, task="classification", num_samples=7, seed=0, split_forward=False)
+    assert_same(first, full(x))
+    calls.clear()
+    module(x)
+    assert len(calls) == 1
