@@ -26,6 +26,7 @@ __all__ = [
     "default_batch_targets",
     "single_tensor",
     "to_device",
+    "without_inference_tensors",
 ]
 
 LABELS_KEY = "labels"
@@ -123,6 +124,20 @@ def _rebuilt(original: Mapping[str, Any], items: dict[str, Any]) -> Mapping[str,
         return type(original)(items)  # type: ignore[call-arg]
     except TypeError:
         return items
+
+
+def without_inference_tensors(value: Any) -> Any:
+    """``value`` with its inference tensors copied to normal ones (nested tuples, lists, mappings, a
+    mapping as a dict); other values as they are."""
+    if isinstance(value, Tensor):
+        return value.clone() if torch.is_inference(value) else value
+    if isinstance(value, CallArguments):
+        return CallArguments(without_inference_tensors(value.args), without_inference_tensors(value.kwargs))
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(without_inference_tensors(v) for v in value)
+    if isinstance(value, Mapping):  # passed as keyword arguments: a dict serves
+        return {k: without_inference_tensors(v) for k, v in value.items()}
+    return value
 
 
 def single_tensor(inputs: Any) -> Tensor | None:

@@ -48,7 +48,7 @@ from torch.func import functional_call, jacrev, vmap
 from lightning_swag.likelihoods import Likelihood
 from lightning_swag.posterior.protocol import GaussianPosterior, gaussian_of, layout_of, unflatten
 from lightning_swag.predictive.base import Predictive, PredictiveContext, RunState
-from lightning_swag.predictive.batches import CallArguments, call_model
+from lightning_swag.predictive.batches import CallArguments, call_model, without_inference_tensors
 from lightning_swag.predictive.batchnorm import BatchNormRefresh
 from lightning_swag.predictive.runner import ExecutionPlan, ModelRunner, PreparedInputs
 from lightning_swag.predictive.weights import SamplingSpec, WeightStream
@@ -324,14 +324,10 @@ class _Linearization:
         owner: str,
     ) -> None:
         with torch.inference_mode(False):  # tensors made under inference mode cannot be saved for backward
-            base = {name: _normal(p.detach()) for name, p in module.named_parameters()}
-            base.update({name: _normal(b) for name, b in module.named_buffers()})
-            base.update({name: _normal(b) for name, b in buffers.items()})
-            self.mean = {name: _normal(v) for name, v in mean.items()}
-            self.arguments = CallArguments(
-                tuple(_normal(a) for a in arguments.args),
-                {k: _normal(v) for k, v in arguments.kwargs.items()},
-            )
+            base = {name: p.detach() for name, p in module.named_parameters()}
+            base = without_inference_tensors({**base, **dict(module.named_buffers()), **buffers})
+            self.mean = without_inference_tensors(mean)
+            self.arguments = without_inference_tensors(arguments)
         self.owner = owner
 
         def fn(weights: Named, call: CallArguments) -> Tensor:
@@ -388,11 +384,6 @@ class _Linearization:
                 f"predictive='linearized' cannot differentiate {self.owner} with respect to the tracked "
                 f"weights ({type(err).__name__}: {err}). Use predictive='sampled'."
             ) from err
-
-
-def _normal(value: Any) -> Any:
-    """A tensor made under inference mode copied into a normal one (``value`` else)."""
-    return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
 
 
 def _flat_jacobian(jacobians: Named, outputs: int) -> Tensor:

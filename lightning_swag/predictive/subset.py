@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_swag.posterior.parameters import all_names, canonical_name
-from lightning_swag.predictive.batches import CallArguments, call_model
+from lightning_swag.predictive.batches import CallArguments, call_model, without_inference_tensors
 
 __all__ = ["SplitForward", "SplitUnavailable", "find_split"]
 
@@ -146,7 +146,7 @@ class SplitForward:
         post = self.submodule.register_forward_hook(record.after, with_kwargs=True)
         try:
             with torch.inference_mode(False), torch.no_grad():
-                normal = _without_inference_tensors(inputs)
+                normal = without_inference_tensors(inputs)
                 if weights is None:
                     raw = call_model(self.model, normal)
                 else:
@@ -210,20 +210,6 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 def _versions(arguments: CallArguments) -> list[int]:
     return [t._version for t in _tensors((arguments.args, arguments.kwargs))]
-
-
-def _without_inference_tensors(value: Any) -> Any:
-    """``value`` with its inference tensors copied to normal ones (nested tuples, lists, mappings, a
-    mapping as a dict); other values as they are."""
-    if isinstance(value, Tensor):
-        return value.clone() if torch.is_inference(value) else value
-    if isinstance(value, CallArguments):
-        return CallArguments(_without_inference_tensors(value.args), _without_inference_tensors(value.kwargs))
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(_without_inference_tensors(v) for v in value)
-    if isinstance(value, Mapping):  # passed as keyword arguments: a dict serves
-        return {k: _without_inference_tensors(v) for k, v in value.items()}
-    return value
 
 
 def _same_values(a: Any, b: Any) -> bool:
