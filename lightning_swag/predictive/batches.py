@@ -24,6 +24,7 @@ __all__ = [
     "call_model",
     "default_batch_inputs",
     "default_batch_targets",
+    "first_examples",
     "single_tensor",
     "to_device",
     "without_inference_tensors",
@@ -105,15 +106,37 @@ def _keyword_hint(inputs: Mapping[str, Any], err: TypeError) -> str:
 def to_device(value: Any, device: torch.device) -> Any:
     """``value`` with every tensor inside it (nested tuples, lists, named tuples, mappings) moved to
     ``device``; other values as they are."""
+    return _map_tensors(value, lambda t: t.to(device))
+
+
+def first_examples(value: Any, batch: int, count: int) -> Any | None:
+    """``value`` with every tensor inside it whose first dimension is ``batch`` cut to its first
+    ``count`` examples (others as they are), or ``None`` when no tensor has that first dimension."""
+    cut = 0
+
+    def first(tensor: Tensor) -> Tensor:
+        nonlocal cut
+        if tensor.dim() == 0 or tensor.shape[0] != batch:
+            return tensor
+        cut += 1
+        return tensor[:count]
+
+    result = _map_tensors(value, first)
+    return result if cut else None
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside it (nested tuples, lists, named tuples,
+    mappings, each rebuilt as its own type where it can be)."""
     if isinstance(value, Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, Mapping):
-        moved = {k: to_device(v, device) for k, v in value.items()}
-        return moved if type(value) is dict else _rebuilt(value, moved)
+        mapped = {k: _map_tensors(v, fn) for k, v in value.items()}
+        return mapped if type(value) is dict else _rebuilt(value, mapped)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(to_device(v, device) for v in value))
+        return type(value)(*(_map_tensors(v, fn) for v in value))
     if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(_map_tensors(v, fn) for v in value)
     return value
 
 

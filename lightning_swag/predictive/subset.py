@@ -13,7 +13,9 @@ that output nor the submodule's tensor arguments may be changed in place after t
 that changes its own inputs). A batch that fails runs the whole model under every sample instead.
 What cannot change from batch to batch (the submodule's inputs do not depend on the tracked
 weights, running it alone reproduces the model's output) is checked once, at the first batch, under
-perturbed tracked weights (:meth:`SplitForward.verify`).
+perturbed tracked weights (:meth:`SplitForward.verify`), on the batch's first
+:data:`VERIFY_EXAMPLES` examples when the inputs can be cut (the whole batch otherwise), so that the
+first batch costs little more than one forward pass.
 
 :func:`find_split` proposes the submodule. Plain torch.
 """
@@ -28,9 +30,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_swag.posterior.parameters import all_names, canonical_name
-from lightning_swag.predictive.batches import CallArguments, call_model, without_inference_tensors
+from lightning_swag.predictive.batches import (
+    CallArguments,
+    call_model,
+    first_examples,
+    without_inference_tensors,
+)
 
-__all__ = ["SplitForward", "SplitUnavailable", "find_split"]
+__all__ = ["VERIFY_EXAMPLES", "SplitForward", "SplitUnavailable", "find_split"]
+
+VERIFY_EXAMPLES = 2
+"""The first batch's examples the once-per-model check of :meth:`SplitForward.verify` runs on."""
 
 
 class SplitUnavailable(Exception):  # noqa: N818 - a reason to take the whole model, not an error
@@ -162,32 +172,58 @@ class SplitForward:
     ) -> tuple[str | None, CallArguments | None]:
         """Why the split path cannot replace the full one for this model (``None`` when it can), and
         the submodule's arguments on ``inputs`` with the model's own weights (``None`` when refused),
-        which the first batch then uses: two forward passes of the model in all.
+        which the first batch then uses.
 
         ``base`` holds every parameter and buffer of the model, ``tracked`` the SWA mean of the
-        tracked ones (model names, no sample dimension). The whole model runs under a perturbed copy
-        of ``tracked`` (see :func:`_perturbed`), so that a body that reads the tracked weights shows
-        even when the model holds the SWA mean: the per-batch checks of :meth:`capture` must pass,
-        the submodule's arguments must be those captured with the model's own weights (they do not
-        depend on the tracked weights), and the submodule run alone on them must give exactly the
-        model's output.
+        tracked ones (model names, no sample dimension). The whole batch runs once with the model's
+        own weights (the per-batch checks of :meth:`capture`, and the arguments kept). Then, on the
+        batch's first :data:`VERIFY_EXAMPLES` examples (every tensor whose first dimension is the
+        output's batch size cut; the whole batch when none is, or when the cut inputs fail to run),
+        the model runs with its own weights and under a perturbed copy of ``tracked`` (see
+        :func:`_perturbed`), so that a body that reads the tracked weights shows even when the model
+        holds the SWA mean: the submodule's arguments must be the same in both (they do not depend
+        on the tracked weights), and the submodule run alone on them must give exactly the model's
+        output.
         """
         weights = {**base, **_perturbed(tracked)}
         try:
-            own = self.capture(inputs)
-            arguments, full = self._run(inputs, weights)
+            own, full = self._run(inputs, None)
         except SplitUnavailable as why:
             return str(why), None
+        few = (
+            None
+            if full.shape[0] <= VERIFY_EXAMPLES
+            else first_examples(inputs, full.shape[0], VERIFY_EXAMPLES)
+        )
+        if few is not None:
+            try:
+                reference = self._run(few, None)[0]
+                perturbed = self._run(few, weights)
+            except Exception:  # noqa: BLE001 - a model that cannot run on part of the batch: check it whole
+                few = None
+        if few is None:
+            try:
+                reference, perturbed = own, self._run(inputs, weights)
+            except SplitUnavailable as why:
+                return str(why), None
+        reason = self._independent(reference, *perturbed, weights)
+        return (reason, None) if reason is not None else (None, own)
+
+    def _independent(
+        self, own: CallArguments, arguments: CallArguments, full: Tensor, weights: Mapping[str, Tensor]
+    ) -> str | None:
+        """Why the submodule's ``arguments`` under the perturbed ``weights`` (the model's output
+        ``full``) show that the split is wrong, against ``own``, those of the model's own weights."""
         if not _same_values(arguments, own):
             return (
                 f"the inputs of {self.prefix!r} depend on the tracked weights (or the forward pass is not "
                 "deterministic)"
-            ), None
+            )
         with torch.inference_mode(False), torch.no_grad():
             alone = functional_call(self.submodule, self.relative(weights), arguments.args, arguments.kwargs)
         if not isinstance(alone, Tensor) or alone.shape != full.shape or not torch.equal(alone, full):
-            return f"running {self.prefix!r} alone does not reproduce the model's output", None
-        return None, own
+            return f"running {self.prefix!r} alone does not reproduce the model's output"
+        return None
 
 
 def _perturbed(tracked: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -104,3 +104,28 @@ def test_existing_summaries_unchanged() -> None:
     assert torch.allclose(out["mean"], probs.mean(0))
     entropy = -(out["mean"] * out["mean"].log()).sum(-1)
     assert torch.allclose(out["entropy"], entropy, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 7 * 4, 3 * 7 * 4 + 5])
+def test_summaries_reduced_in_sample_blocks_equal_the_explicit_moments(monkeypatch, block: int) -> None:
+    """Cutting a chunk into blocks of samples (one sample, several, a partial last block) changes
+    nothing but rounding: mean, std, entropy and mutual information against explicit formulas."""
+    from lightning_swag.likelihoods import summaries
+
+    monkeypatch.setattr(summaries, "BLOCK_ELEMENTS", block)
+    logits = torch.randn(11, 7, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    probs = torch.softmax(logits, dim=-1)
+    mean = probs.mean(dim=0)
+    entropy = -(mean * mean.log()).sum(-1)
+    mean_entropy = -(probs * probs.log()).sum(-1).mean(0)
+    out = summaries.probability_summary(
+        [logits[:5], logits[5:]], summaries.softmax_with_entropy, summaries.categorical_entropy
+    )
+    torch.testing.assert_close(out["mean"], mean, rtol=0, atol=1e-14)
+    torch.testing.assert_close(out["std"], ((probs - mean) ** 2).mean(0).sqrt(), rtol=0, atol=1e-13)
+    torch.testing.assert_close(out["entropy"], entropy, rtol=0, atol=1e-13)
+    torch.testing.assert_close(out["mutual_information"], entropy - mean_entropy, rtol=0, atol=1e-13)
+    moments = summaries.moments_summary([logits[:5], logits[5:]])
+    torch.testing.assert_close(moments["mean"], logits.mean(0), rtol=0, atol=1e-14)
+    torch.testing.assert_close(moments["std"], logits.std(0, correction=0), rtol=0, atol=1e-13)
+    assert len(list(summaries.sample_blocks([logits]))) == -(-11 // max(1, block // 28))

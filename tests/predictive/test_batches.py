@@ -83,3 +83,15 @@ def test_to_device_moves_every_tensor_and_keeps_the_structure() -> None:
     assert moved["list"][0].is_meta and moved["list"][1:] == ["text", 4]
     assert type(moved["ordered"]) is OrderedDict and moved["ordered"]["a"].is_meta
     assert not batch["pair"].x.is_meta  # the input is left as it was
+
+
+def test_first_examples_cuts_the_tensors_with_the_batch_first_and_keeps_the_rest() -> None:
+    from lightning_swag.predictive.batches import CallArguments, first_examples
+
+    x, mask, table = torch.arange(12.0).reshape(6, 2), torch.ones(6, 3), torch.zeros(4, 6)
+    cut = first_examples({"x": x, "extra": (mask, table, 7)}, batch=6, count=2)
+    assert torch.equal(cut["x"], x[:2]) and torch.equal(cut["extra"][0], mask[:2])
+    assert cut["extra"][1] is table and cut["extra"][2] == 7
+    call = first_examples(CallArguments((x,), {"scale": torch.tensor(2.0)}), batch=6, count=2)
+    assert isinstance(call, CallArguments) and torch.equal(call.args[0], x[:2])
+    assert first_examples(table, batch=6, count=2) is None  # nothing has the batch first

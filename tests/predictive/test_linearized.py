@@ -749,3 +749,42 @@ def test_a_batch_that_falls_back_to_the_whole_model_is_linearised_on_it() -> Non
     sampled = SWAGModule(net, post, task="regression", num_samples=20, seed=0, return_samples=True)
     for x in (small, large):
         torch.testing.assert_close(draws(x)["samples"], sampled(x)["samples"], atol=1e-5, rtol=1e-5)
+
+
+def test_many_classes_summarised_in_blocks_are_the_explicit_average_of_full_forwards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """300 classes, summaries reduced two samples at a time: the sampled predictive and ``mc`` (on a
+    linear head the same weight samples) equal the average of softmaxes of whole-model forward passes
+    of copies holding each weight sample; the probit's mean is the closed form's."""
+    from lightning_swag.likelihoods import summaries
+
+    monkeypatch.setattr(summaries, "BLOCK_ELEMENTS", 2 * 9 * 300)
+    torch.manual_seed(12)
+    net = Net(outputs=300)
+    post = walk_posterior(net)
+    x = torch.randn(9, 6)
+    sampled = SWAGModule(net, post, task="classification", num_samples=10, seed=0)
+    mc = linearized(net, post, "classification", link_approx="mc", num_samples=10)
+    explicit = torch.zeros(9, 300)
+    samples = [s for chunk in sampled.iter_weight_samples() for s in _split_samples(chunk)]
+    assert len(samples) == 10
+    for weights in samples:
+        copy_ = copy.deepcopy(net)
+        copy_.head.weight.data.copy_(weights["head.weight"])
+        copy_.head.bias.data.copy_(weights["head.bias"])
+        with torch.no_grad():
+            explicit += torch.softmax(copy_(x), dim=-1) / len(samples)
+    torch.testing.assert_close(sampled(x)["mean"], explicit, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mc(x)["mean"], explicit, atol=1e-6, rtol=1e-5)
+    mu, var = linear_head_gaussian(net, post, x, 1.0)
+    probit = torch.softmax(mu / (1 + math.pi / 8 * var).sqrt(), dim=-1)
+    torch.testing.assert_close(
+        linearized(net, post, "classification", scale=1.0)(x)["mean"].double(), probit, atol=1e-6, rtol=1e-5
+    )
+
+
+def _split_samples(chunk: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """A chunk ``{name: [n, ...]}`` as ``n`` single samples."""
+    count = next(iter(chunk.values())).shape[0]
+    return [{name: value[i] for name, value in chunk.items()} for i in range(count)]

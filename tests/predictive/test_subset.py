@@ -461,20 +461,57 @@ def test_the_batchnorm_refresh_checks_every_training_batch() -> None:
     assert_same(split_out, full_out, atol=1e-5)
 
 
-def test_the_first_batch_runs_the_whole_model_twice_only() -> None:
-    """The first-batch check (own and perturbed weights) also captures the first batch's head inputs."""
+def test_the_first_batch_runs_the_whole_batch_once_and_the_check_on_two_examples() -> None:
+    """The first-batch check runs the whole batch once (the per-batch checks, and the head inputs the
+    batch then uses) and the once-per-model check on the batch's first two examples only (own and
+    perturbed weights)."""
     torch.manual_seed(11)
     net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
-    calls = []
-    net[0].register_forward_hook(lambda *_: calls.append(1))
+    rows: list[int] = []
+    net[0].register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
     post = walk_posterior(net, ["2.*"])
     module = SWAGModule(net, post, task="classification", num_samples=7, seed=0, vectorize="loop")
     x = torch.randn(6, 5)
     first = module(x)
     assert module.execution_plan is not None and module.execution_plan.split == "2"
-    assert len(calls) == 2
+    assert rows == [6, 2, 2]
     full = SWAGModule(net, post, task="classification", num_samples=7, seed=0, split_forward=False)
     assert_same(first, full(x))
-    calls.clear()
+    rows.clear()
     module(x)
-    assert len(calls) == 1
+    assert rows == [6]
+
+
+class FixedBatchBody(nn.Module):
+    """A body that only runs on batches of 6 (a reshape with the batch size written in), so the
+    check on two examples fails to run: the whole batch is checked instead."""
+
+    def __init__(self, reads_head: bool) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 12)
+        self.head = nn.Linear(12, 3)
+        self.reads_head = reads_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x).reshape(6, 12)
+        if self.reads_head:
+            h = h + self.head.bias.sum()
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reads_head", [False, True])
+def test_a_model_that_cannot_run_on_two_examples_is_checked_whole(reads_head: bool) -> None:
+    torch.manual_seed(12)
+    net = FixedBatchBody(reads_head)
+    post = walk_posterior(net, ["head.*"])
+    module = SWAGModule(net, post, task="regression", num_samples=5, seed=0)
+    x = torch.randn(6, 5)
+    out = module(x)
+    plan = module.execution_plan
+    assert plan is not None
+    if reads_head:
+        assert plan.split is None and "depend on the tracked weights" in str(plan.split_refused)
+    else:
+        assert plan.split == "head"
+    full = SWAGModule(net, post, task="regression", num_samples=5, seed=0, split_forward=False)
+    assert_same(out, full(x))
