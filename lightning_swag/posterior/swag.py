@@ -381,7 +381,7 @@ class SWAGPosterior:
         k = self.rank
         if k < 2:
             return variance, None
-        return variance, self.deviations.to(variance.dtype) / math.sqrt(k - 1)
+        return variance, self.deviations.to(variance.dtype).div_(math.sqrt(k - 1))  # a copy: in place
 
     def diagonal(self) -> SWAGDiagonal:
         """SWAG-Diagonal: a read-only view of this posterior (sharing its statistics, so it follows

@@ -248,7 +248,8 @@ class LinearizedPredictive(Predictive):
         """The feature axis of the batch's module when it is linear in the tracked weights (see
         :func:`_linear_axis`)."""
         module, split = self._module(prepared)
-        tracked = self._relative(self._posterior_moments(0, self.stream.posteriors[0])[0], split)
+        names = {self.stream.model_name(n): n for n in self.stream.posteriors[0].param_shapes}
+        tracked = self._relative(names, split)  # type: ignore[arg-type]
         return _linear_axis(module, tracked, split is not None or self.runner.output_transform is None)
 
     def _module(self, prepared: PreparedInputs) -> tuple[nn.Module, Any]:
@@ -269,16 +270,19 @@ class LinearizedPredictive(Predictive):
         if index not in self._moments:
             stream = self.stream
 
-            def named(flat: Tensor) -> Named:
-                parts = unflatten(post.param_shapes, flat.to(stream.device))
-                return {stream.model_name(n): v.to(stream.model_dtype(n)) for n, v in parts.items()}
+            def named(flat: Tensor) -> Named:  # copies: never the posterior's own tensors
+                parts = unflatten(post.param_shapes, flat)
+                return {
+                    stream.model_name(n): v.to(device=stream.device, dtype=stream.model_dtype(n), copy=True)
+                    for n, v in parts.items()
+                }
 
             with torch.inference_mode(False):
                 variance, factor = post.covariance_factors()
                 self._moments[index] = (
-                    named(post.mean.clone()),
-                    named(variance.clone()),
-                    named(factor.clone()) if factor is not None else {},
+                    named(post.mean),
+                    named(variance),
+                    named(factor) if factor is not None else {},
                 )
         return self._moments[index]
 
