@@ -376,12 +376,12 @@ class SWAGPosterior:
 
     def covariance_factors(self) -> tuple[Tensor, Tensor | None]:
         """``(variance, D̂ / √(k−1))`` so that the covariance is ``diag(var) + LᵀL`` (``L`` is None
-        when ``k < 2``)."""
+        when ``k < 2``; it keeps the deviations' dtype, so no copy of them is made in another)."""
         variance = self.variance
         k = self.rank
         if k < 2:
             return variance, None
-        return variance, self.deviations.to(variance.dtype).div_(math.sqrt(k - 1))  # a copy: in place
+        return variance, self.deviations.div_(math.sqrt(k - 1))  # ``deviations`` is a copy: in place
 
     def diagonal(self) -> SWAGDiagonal:
         """SWAG-Diagonal: a read-only view of this posterior (sharing its statistics, so it follows
