@@ -1,4 +1,4 @@
-"""MNIST quality of subset posteriors: SGD, last-layer SWAG (sampled and linearised) and full SWAG.
+"""MNIST quality of subset posteriors: SGD, last-layer SWAG, full SWAG and last-layer Laplace.
 
 Per seed, the reference classifier of :mod:`lightning_swag.experiments.mnist` (784 → 64 → ReLU →
 10, logits) is pretrained with Adam, then SWAG is collected twice from those weights at a constant
@@ -7,7 +7,11 @@ SGD learning rate (snapshots twice per epoch, rank 20):
 * **full SWAG**: every weight trained and tracked;
 * **last-layer SWAG**: the body frozen at the pretrained weights and only the head ``net.3`` trained
   and tracked (``include=["net.3.*"]``), predicted with the sampled BMA (the body runs once per
-  batch) and with the linearised predictive (probit), which for a linear head is exact.
+  batch) and with the linearised predictive (probit), which for a linear head is exact;
+* **last-layer Laplace** (laplace-torch, if installed): ``Laplace(..., subset_of_weights="last_layer",
+  hessian_structure="kron")`` fitted on the MNIST training images at the pretrained weights, its
+  prior precision optimised by the marginal likelihood (``optimize_prior_precision(method="marglik")``),
+  predicted with the GLM predictive and the probit link. Without laplace-torch the row is skipped.
 
 Every method is evaluated on the MNIST test images (accuracy, NLL, ECE with 15 bins) and against
 Fashion-MNIST as out-of-distribution input (AUROC of the predictive entropy); the table gives
@@ -36,6 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
 from lightning_swag.experiments import mnist
@@ -44,16 +49,10 @@ from lightning_swag.experiments.models import MNISTClassifier
 from lightning_swag.experiments.quiet import quiet_lightning
 
 HEAD = "net.3"
-METHODS = ("SGD", "last-layer SWAG, sampled", "last-layer SWAG, linearised", "full SWAG, sampled")
+LAPLACE = "last-layer Laplace (laplace-torch, KFAC, GLM probit)"
+METHODS = ("SGD", "last-layer SWAG, sampled", "last-layer SWAG, linearised", "full SWAG, sampled", LAPLACE)
 COLUMNS = ("accuracy", "nll", "ece", "ood_auroc")
-
-
-class HeadSWAGCallback(SWAGCallback):
-    """A second SWAG callback in a Trainer needs its own checkpoint key."""
-
-    @property
-    def state_key(self) -> str:
-        return "SWAGCallback[head]"
+Predict = Callable[[Tensor], dict[str, Tensor]]
 
 
 def collect(
@@ -68,8 +67,7 @@ def collect(
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(HEAD + "."))
     every = max(1, len(dm.train_dataloader()) // 2)
-    kind = HeadSWAGCallback if head_only else SWAGCallback
-    swag = kind(every_n_steps=every, max_rank=20, include=[f"{HEAD}.*"] if head_only else None)
+    swag = SWAGCallback(every_n_steps=every, max_rank=20, include=[f"{HEAD}.*"] if head_only else None)
     mnist._trainer(args, args.collect_epochs, [swag]).fit(model, datamodule=dm)
     return swag.posterior
 
@@ -81,22 +79,37 @@ def train_seed(
     L.seed_everything(seed, verbose=False)
     model = MNISTClassifier(lr=args.pretrain_lr, optimizer="adam")
     mnist._trainer(args, args.pretrain_epochs, []).fit(model, datamodule=dm)
-    sgd = copy.deepcopy(model).eval()
-    return sgd, collect(args, dm, sgd, True, seed), collect(args, dm, sgd, False, seed)
+    head, full = collect(args, dm, model, True, seed), collect(args, dm, model, False, seed)
+    return copy.deepcopy(model).eval(), head, full
 
 
-def sgd_predict(model: MNISTClassifier) -> Callable[[Tensor], dict[str, Tensor]]:
+def probs_predict(probs_of: Callable[[Tensor], Tensor]) -> Predict:
+    """A SWAGModule-style ``predict`` (``mean`` and ``entropy``) from a function giving probabilities."""
+
     def predict(x: Tensor) -> dict[str, Tensor]:
-        probs = torch.softmax(model(x), dim=-1)
+        probs = probs_of(x)
         return {"mean": probs, "entropy": metrics.predictive_entropy(probs)}
 
     return predict
 
 
+def laplace_predict(model: MNISTClassifier, dm: Any) -> Predict | None:
+    """laplace-torch's last-layer KFAC Laplace of ``model``, or None without laplace-torch."""
+    try:
+        from laplace import Laplace
+    except ImportError:
+        print("laplace-torch is not installed: the last-layer Laplace row is skipped", flush=True)
+        return None
+    la = Laplace(
+        copy.deepcopy(model), "classification", subset_of_weights="last_layer", hessian_structure="kron"
+    )
+    la.fit(DataLoader(TensorDataset(*dm.train_tensors()), batch_size=128))
+    la.optimize_prior_precision(method="marglik")
+    return probs_predict(lambda x: la(x, pred_type="glm", link_approx="probit"))
+
+
 @torch.no_grad()
-def evaluate(
-    predict: Callable[[Tensor], dict[str, Tensor]], x: Tensor, y: Tensor, x_ood: Tensor
-) -> dict[str, float]:
+def evaluate(predict: Predict, x: Tensor, y: Tensor, x_ood: Tensor) -> dict[str, float]:
     """Accuracy, NLL, ECE and OOD AUROC (entropy) of one method, in batches of 1,000."""
     outs = [predict(x[i : i + 1000]) for i in range(0, len(x), 1000)]
     oods = [predict(x_ood[i : i + 1000]) for i in range(0, len(x_ood), 1000)]
@@ -108,17 +121,20 @@ def evaluate(
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict[str, float]]:
+    """Train one seed's networks and evaluate every method (``seconds``: the evaluation's time)."""
     dm = mnist.make_datamodule(mnist.parse_args(_reference_argv(args, seed)))
     x, y = dm.test_tensors()
     x_ood, _ = dm.ood_tensors()
     sgd, head_post, full_post = train_seed(args, dm, seed)
     common = {"task": "classification", "seed": seed, "num_samples": args.num_samples, "scale": args.scale}
-    methods = {
-        "SGD": sgd_predict(sgd),
+    methods: dict[str, Predict] = {
+        "SGD": probs_predict(lambda x: torch.softmax(sgd(x), dim=-1)),
         "last-layer SWAG, sampled": SWAGModule(sgd, head_post, **common),
         "last-layer SWAG, linearised": SWAGModule(sgd, head_post, predictive="linearized", **common),
         "full SWAG, sampled": SWAGModule(sgd, full_post, **common),
     }
+    if (laplace := laplace_predict(sgd, dm)) is not None:
+        methods[LAPLACE] = laplace
     table = {}
     for name, predict in methods.items():
         start = time.perf_counter()
@@ -139,11 +155,12 @@ def _reference_argv(args: argparse.Namespace, seed: int) -> list[str]:
 
 
 def format_table(results: dict[int, dict[str, dict[str, float]]]) -> str:
+    """Mean ± standard deviation over the seeds, a row per method that ran (accuracy and ECE in %)."""
     lines = [
-        "| method | accuracy | NLL | ECE | OOD AUROC (Fashion-MNIST) | evaluation, s |",
+        "| method | accuracy, % | NLL | ECE, % | OOD AUROC (Fashion-MNIST) | evaluation, s |",
         "|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
+    for method in (m for m in METHODS if all(m in res for res in results.values())):
         cells = []
         for key, factor in (*((c, 100 if c in ("accuracy", "ece") else 1) for c in COLUMNS), ("seconds", 1)):
             values = [res[method][key] * factor for res in results.values()]
@@ -166,13 +183,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    args.pretrain_epochs = args.pretrain_epochs or (3 if args.small else 10)
-    args.collect_epochs = args.collect_epochs or (3 if args.small else 10)
+    if args.pretrain_epochs is None:
+        args.pretrain_epochs = 3 if args.small else 10
+    if args.collect_epochs is None:
+        args.collect_epochs = 3 if args.small else 10
     args.accelerator = "cpu"
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
+    """Run every seed, print the setting and the table; return the results by seed."""
     args = parse_args(argv)
     print(machine_description(), flush=True)
     start = time.perf_counter()
@@ -187,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
 
 
 if __name__ == "__main__":
