@@ -9,20 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_script import benchmark_script
 from synthetic_idx import write_synthetic_idx
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_quality.py"
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("mnist_quality_benchmark", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("mnist_quality") as module:
+        yield module
 
 
 def _tiny_run(quality, root: Path, seeds: str, json_path: Path | None = None) -> dict:

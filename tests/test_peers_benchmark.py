@@ -7,26 +7,17 @@ computations; the speed harness is run once at tiny sizes (no timing is asserted
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+from benchmark_script import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("peers_benchmark", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("peers") as module:
+        yield module
 
 
 def test_reference_is_the_papers_formula(peers):

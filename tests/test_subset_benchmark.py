@@ -3,25 +3,15 @@ laplace-torch rows are sized honestly, and each table runs once at tiny sizes (n
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "subset.py"
+from benchmark_script import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("subset_benchmark", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("subset") as module:
+        yield module
 
 
 def test_the_hand_drawn_floor_samples_the_posterior(bench) -> None:
