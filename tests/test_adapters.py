@@ -12,40 +12,12 @@ import lightning as L
 import peft
 import pytest
 import torch
-import transformers
 from conftest import QUIET, random_walk_posterior
+from tiny_lora import LABELS, VOCAB, base_bert, lora_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_swag import BMA, SWAGCallback, SWAGModule, SWAGPosterior, export_adapter
-
-VOCAB, LABELS = 40, 3
-
-
-def base_bert(seed: int = 5) -> nn.Module:
-    """The frozen base: a 2-layer BERT classifier built from a config, the same weights for a seed."""
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=LABELS,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def lora_model(seed: int = 5) -> nn.Module:
-    """``base_bert(seed)`` with a LoRA adapter on the attention and a trained copy of the classifier."""
-    config = peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0, modules_to_save=["classifier"]
-    )
-    torch.manual_seed(seed + 1)
-    return peft.get_peft_model(base_bert(seed), config)
 
 
 def batches(n: int = 24, seed: int = 0) -> list[dict[str, Tensor]]:
@@ -224,3 +196,17 @@ def test_the_linearised_predictive_on_an_adapter_posterior_is_the_explicit_formu
     expected = explicit_linearized_probit(module.eval(), swag.posterior, inputs(), scale=0.5)
     torch.testing.assert_close(torch.cat([p["mean"] for p in parts]).double(), expected, atol=2e-6, rtol=1e-5)
     assert (expected.max(-1).values < 0.999).all()  # not saturated: the variance term matters
+
+
+def test_adapters_in_the_last_block_run_the_whole_model_and_the_plan_says_why() -> None:
+    """The split path runs a frozen prefix once only when the tracked submodule's output is the model's;
+    LoRA inside an attention block is not, so every sample runs the whole model, and the plan says so."""
+    config = peft.LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[1], lora_dropout=0.0)
+    model = peft.get_peft_model(base_bert(), config)
+    post = random_walk_posterior(model, snapshots=3)
+    assert all(".layer.1." in name for name in post.param_shapes)
+    bma = BMA(model, post, num_samples=3, task="classification", seed=0)
+    bma(inputs())
+    plan = bma.execution_plan
+    assert plan is not None and plan.split is None
+    assert "not the output of 'base_model.model.bert.encoder.layer.1.attention.self'" in plan.split_refused

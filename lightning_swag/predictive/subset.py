@@ -106,7 +106,8 @@ class _CallRecord:
             raise SplitUnavailable(f"{prefix!r} runs {self.calls} times in one forward pass")
         if not isinstance(full, Tensor) or full is not self.output:
             raise SplitUnavailable(
-                f"the model's output is not the output of {prefix!r} (it is changed after it)"
+                f"the model's output is not the output of {prefix!r}: later code computes it from that "
+                "output, or wraps or unpacks it (the tracked weights sit before the end of the network)"
             )
         if full._version != self.output_version:
             raise SplitUnavailable(f"the output of {prefix!r} is changed in place after it runs")
