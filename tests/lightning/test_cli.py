@@ -540,3 +540,25 @@ def test_summarize_predictions_reports_what_the_readme_quotes(tmp_path: Path) ->
         f"mean summed std {spread.sum(-1).mean():.3f}, mean entropy {entropy:.2f}, accuracy {accuracy:.1%}"
         in out
     )
+
+
+@pytest.mark.slow
+def test_the_documented_loop_twice_into_one_folder_predicts_from_the_second_fit(tmp_path: Path) -> None:
+    """docs/guide/cli.md's commands, with different options the second time, into one folder (the
+    config's ``runs/sine``): the documented ``--ckpt_path .../last.ckpt`` is the second fit's."""
+    fits, folder = [], Path("runs/sine/checkpoints")
+    for epochs, start in ((6, 3), (9, 5)):
+        cli = cli_main(
+            ["fit", "--config", SINE_YAML, f"--trainer.max_epochs={epochs}"]
+            + [f"--trainer.callbacks.start_epoch={start}", *QUIET_FIT]
+        )
+        fits.append(next(cb for cb in cli.trainer.callbacks if isinstance(cb, SWAGCallback)).posterior)
+        assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no last-v1.ckpt beside it
+        assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == epochs
+    cli = cli_main(
+        ["predict", "--config", SINE_YAML, "--ckpt_path", str(folder / "last.ckpt"), "--swag.num_samples=4"]
+        + ["--trainer.enable_progress_bar=false"]
+    )
+    used = cli.model.engine.posteriors[0]
+    assert used.num_snapshots == fits[1].num_snapshots == 4 != fits[0].num_snapshots
+    torch.testing.assert_close(used.mean, fits[1].mean)
