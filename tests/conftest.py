@@ -52,11 +52,19 @@ def random_walk_posterior(
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK")
 
 
-def run_two_process_script(args: list[str], what: str, timeout: int) -> None:
-    """Run a test script that starts its own processes, inheriting no distributed settings from pytest's."""
+def script_env() -> dict[str, str]:
+    """This process's environment without distributed settings, for a script that starts its own
+    processes; one intra-op thread each, warnings off."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return env
+
+
+def run_two_process_script(args: list[str], what: str, timeout: int) -> None:
+    """Run a test script that starts its own processes, inheriting no distributed settings from pytest's."""
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=script_env(), timeout=timeout
+    )
     assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 

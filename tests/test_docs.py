@@ -1,14 +1,14 @@
 """The documentation site (docs/, mkdocs.yml): its Python runs as written, and it stays complete.
 
-Convention for ```python blocks in docs/**/*.md (see docs/guide/index.md):
+Convention for ```python blocks in docs/**/*.md (see docs/guide/index.md): every block runs as
+pasted. The page's blocks, in page order, are one script (one namespace, in a fresh folder), so a
+block may use what an earlier block of its page defined, and nothing else:
 
-* every block runs, in page order, as one script per page (one namespace, in a fresh folder);
-* a block right after ``<!-- not-tested: why -->`` is only compiled (it needs several processes, or
-  names a test below that runs it with what it needs);
-* a block right after ``<!-- pending: what -->`` documents an API being built: it runs after the
-  page's other blocks, in a copy of their namespace, as a strict xfail. When the API lands the
-  test XPASSes and fails, which says to remove the marker;
+* a page with ``<!-- test: script -->`` in it (several processes: Lightning's launcher re-runs the
+  script) is written to a file and run with ``python`` in a subprocess; the others run in-process;
 * a page with ``<!-- test: slow -->`` in it is marked slow.
+
+There is no way to leave a block out.
 
 ``mkdocs build --strict`` itself runs in .ci/run.
 """
@@ -19,17 +19,19 @@ import ast
 import linecache
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.parts)
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
-MARKER = re.compile(r"<!--\s*(not-tested|pending)\b[^>]*-->")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,6 @@ class Block:
     page: Path
     line: int
     code: str
-    kind: str  # "run", "not-tested" or "pending"
 
     @property
     def where(self) -> str:
@@ -48,10 +49,8 @@ def blocks(page: Path) -> list[Block]:
     text = page.read_text()
     found = []
     for match in FENCE.finditer(text):
-        before = text[: match.start()].rstrip().splitlines()
-        marker = MARKER.fullmatch(before[-1].strip()) if before else None
         line = text.count("\n", 0, match.start()) + 2  # the first line of code
-        found.append(Block(page, line, textwrap.dedent(match.group(1)), marker.group(1) if marker else "run"))
+        found.append(Block(page, line, textwrap.dedent(match.group(1))))
     return found
 
 
@@ -75,8 +74,7 @@ def run_page(page: Path, folder: Path) -> dict:
         os.chdir(folder)  # lightning_logs/, checkpoints and files the snippets write go here
         try:
             for block in blocks(page):
-                if block.kind == "run":
-                    _exec(block, namespace)
+                _exec(block, namespace)
             _PAGE_RUNS[page] = namespace
         except BaseException as err:  # noqa: BLE001 - re-raised by every test of the page
             _PAGE_RUNS[page] = err
@@ -89,39 +87,43 @@ def run_page(page: Path, folder: Path) -> dict:
 
 
 def _is_slow(page: Path) -> bool:
-    return "<!-- test: slow -->" in page.read_text()
+    return "<!-- test: slow -->" in page.read_text() or _is_script(page)
+
+
+def _is_script(page: Path) -> bool:
+    return "<!-- test: script -->" in page.read_text()
 
 
 def _page_params():
     for page in PAGES:
-        if any(b.kind == "run" for b in blocks(page)):
+        if blocks(page):
             marks = [pytest.mark.slow] if _is_slow(page) else []
             yield pytest.param(page, id=str(page.relative_to(DOCS)), marks=marks)
 
 
-def _pending_params():
-    for page in PAGES:
-        for block in blocks(page):
-            if block.kind == "pending":
-                marks = [pytest.mark.xfail(strict=True, reason="pending API: remove the marker once it runs")]
-                if _is_slow(page):
-                    marks.append(pytest.mark.slow)
-                yield pytest.param(block, id=block.where, marks=marks)
-
-
 @pytest.mark.parametrize("page", list(_page_params()))
 def test_the_page_runs(page: Path, tmp_path_factory) -> None:
-    run_page(page, tmp_path_factory.mktemp(page.stem))
+    folder = tmp_path_factory.mktemp(page.stem)
+    if not _is_script(page):
+        run_page(page, folder)
+        return
+    script = folder / f"{page.stem}.py"
+    script.write_text("\n".join(block.code for block in blocks(page)))
+    done = subprocess.run(
+        [sys.executable, script.name],
+        cwd=folder,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"{page}: the script failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
 
-@pytest.mark.parametrize("block", list(_pending_params()))
-def test_a_pending_block_runs(block: Block, tmp_path_factory, monkeypatch) -> None:
-    try:
-        namespace = dict(run_page(block.page, tmp_path_factory.mktemp(block.page.stem)))
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"the page's own blocks fail: {err!r}")
-    monkeypatch.chdir(tmp_path_factory.mktemp("pending"))
-    _exec(block, namespace)
+def test_no_block_is_left_out() -> None:
+    """Every block runs: the markers that used to exempt one are gone for good."""
+    for page in PAGES:
+        assert not re.search(r"<!--\s*(not-tested|pending)", page.read_text()), page
 
 
 def test_every_python_block_compiles() -> None:
@@ -143,28 +145,18 @@ def _block_containing(page: str, text: str) -> str:
     return matches[0].code
 
 
-@pytest.mark.slow
-def test_multiswag_loop_runs(tmp_path, monkeypatch) -> None:
-    """One SWAGCallback, one new Trainer per run: three separate posteriors, pooled by SWAGModule."""
-    import lightning as L
+def test_the_guides_tune_scale_example_brackets_its_optimum(tmp_path_factory) -> None:
+    """The example's candidates reach past the best scale on both sides, so it shows no edge warning."""
+    scores = run_page(DOCS / "guide" / "module.md", tmp_path_factory.mktemp("module"))["scores"]
+    best = min(scores, key=scores.__getitem__)
+    assert min(scores) < best < max(scores), scores
 
-    from lightning_swag import SWAGCallback, SWAGModule
-    from lightning_swag.experiments.data import SineDataModule
-    from lightning_swag.experiments.models import SineRegressor
 
-    monkeypatch.chdir(tmp_path)
-    namespace = {
-        "L": L,
-        "SWAGCallback": SWAGCallback,
-        "SWAGModule": SWAGModule,
-        "Model": SineRegressor,
-        "dm": SineDataModule(num_points=64),
-    }
-    code = _block_containing("guide/module.md", "posteriors.append")
-    exec(compile(code, "docs/guide/module.md", "exec"), namespace)  # noqa: S102
+def test_the_guides_multiswag_loop_keeps_three_posteriors(tmp_path_factory) -> None:
+    """One SWAGCallback, a new Trainer per run: three separate posteriors, pooled by SWAGModule."""
+    namespace = run_page(DOCS / "guide" / "module.md", tmp_path_factory.mktemp("module"))
     posteriors = namespace["posteriors"]
-    assert len({id(p) for p in posteriors}) == 3
-    assert all(p.num_snapshots == 10 for p in posteriors)
+    assert len({id(p) for p in posteriors}) == 3 and all(p.num_snapshots == 10 for p in posteriors)
     assert namespace["bma"].total_samples == 30
 
 
