@@ -5,16 +5,25 @@ examples/execute_notebooks.py expect them): no copy, no symlink. Before mkdocs-j
 file list, this hook adds each notebook as a file of the site whose source is read from examples/,
 so mkdocs-jupyter renders it (with its stored outputs, ``execute: false``) like a notebook in docs/,
 and links such as ``[the sine tutorial](../tutorials/sine.ipynb)`` are checked by ``--strict``.
+
+Two repairs of mkdocs-jupyter's output on those pages: the table of contents is rebuilt from the
+rendered headings (mkdocs-jupyter builds it from a Markdown conversion that cuts a heading short at
+inline code, so the sidebar linked anchors that do not exist), and the MathJax loader it always
+writes is removed (the site's own KaTeX typesets the maths, with no CDN).
 """
 
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.nav import Navigation
+from mkdocs.structure.pages import Page
+from mkdocs.structure.toc import get_toc
 
 NOTEBOOKS = {
     "tutorials/sine.ipynb": "examples/sine.ipynb",
@@ -42,3 +51,29 @@ def on_nav(nav: Navigation, config: MkDocsConfig, files: Files) -> Navigation:
     for uri in NOTEBOOKS:
         files.get_file_from_path(uri).abs_src_path = _source(config, uri)
     return nav
+
+
+_HEADING = re.compile(r'<h([1-6])\b[^>]*\bid="([^"]+)"[^>]*>(.*?)</h\1>', re.S)
+_MATHJAX = re.compile(r"\s*<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->", re.S)
+
+
+def _text(inner: str) -> str:
+    """A heading's text: its HTML without tags and without the pilcrow of its anchor link."""
+    inner = re.sub(r'<a class="anchor-link".*?</a>', "", inner, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", "", inner)).strip()
+
+
+def on_page_content(content: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    """The notebook page's table of contents, from its rendered headings (ids and full text)."""
+    if page.file.src_uri not in NOTEBOOKS:
+        return content
+    roots: list[dict] = []
+    stack: list[dict] = []
+    for level, anchor, inner in _HEADING.findall(content):
+        token = {"level": int(level), "id": anchor, "name": _text(inner), "children": []}
+        while stack and stack[-1]["level"] >= token["level"]:
+            stack.pop()
+        (stack[-1]["children"] if stack else roots).append(token)
+        stack.append(token)
+    page.toc = get_toc(roots)
+    return _MATHJAX.sub("", content)
