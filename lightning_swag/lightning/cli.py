@@ -16,10 +16,12 @@ so one config file serves them all, but only ``test`` and ``predict`` use them.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -34,6 +36,14 @@ from lightning_swag.posterior.format import has_snapshots, load_file
 from lightning_swag.predictive.bma import BMA
 
 __all__ = ["SWAGLightningCLI", "cli_main", "infer_task", "main"]
+
+DESCRIPTION = """SWAG (Stochastic Weight Averaging Gaussian) uncertainty for a LightningModule. `fit` trains
+it; with lightning_swag.SWAGCallback in trainer.callbacks it also collects a Gaussian posterior over
+the weights, saved in every checkpoint. `test` and `predict` restore the weights and the posterior
+from --ckpt_path and run Bayesian model averaging over weight samples (--swag.* options): test
+metrics with uncertainty, or predictive means and standard deviations written to files. Example:
+lightning-swag fit --config examples/configs/sine.yaml, then lightning-swag predict --config
+examples/configs/sine.yaml --ckpt_path runs/sine/checkpoints/last.ckpt."""
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")
 # BMA arguments that are objects, not options: the model comes from --model, the posterior from
@@ -82,7 +92,7 @@ class SWAGLightningCLI(LightningCLI):
         subclass_mode_data: bool = True,
         **kwargs: Any,
     ) -> None:
-        parser_kwargs = {"prog": "lightning-swag", **(parser_kwargs or {})}
+        parser_kwargs = {"prog": "lightning-swag", "description": DESCRIPTION, **(parser_kwargs or {})}
         super().__init__(
             model_class=model_class,
             datamodule_class=datamodule_class,
@@ -122,10 +132,20 @@ class SWAGLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            self._parser(self.subcommand).error(
-                f"Invalid configuration ({type(err).__name__}): {err} (set JSONARGPARSE_DEBUG=1 for a traceback)",
-                ex=err,
+            own = None if os.environ.get("JSONARGPARSE_DEBUG") else _own_error(err)
+            if own is None:
+                self._parser(self.subcommand).error(
+                    f"Invalid configuration ({type(err).__name__}): {err} (set JSONARGPARSE_DEBUG=1 for a "
+                    "traceback)",
+                    ex=err,
+                )
+            # the package's own message first and alone: the parser's account of it (every type of a
+            # Union it tried, the whole usage) buries it; JSONARGPARSE_DEBUG=1 still shows all of it
+            sys.stderr.write(
+                f"lightning-swag {self.subcommand}: error: {own} (set JSONARGPARSE_DEBUG=1 for the parser's "
+                "details and a traceback)\n"
             )
+            raise SystemExit(2) from err
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -164,13 +184,15 @@ class SWAGLightningCLI(LightningCLI):
         config = self.config_init["predict"]
         if config.get("return_predictions") is None:
             config["return_predictions"] = False  # the writer has them; don't also hold them in memory
-        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+        # Trainer sets ``callbacks`` in its callback connector and does not declare it on the class
+        callbacks: list[Callback] = self.trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
             options = dict(self.config_init["predict"]["predictions"])
             try:
                 writer = SWAGPredictionWriter(**options)
             except ValueError as err:
                 self._parser("predict").error(f"--predictions: {err}", ex=err)
-            self.trainer.callbacks.append(writer)
+            callbacks.append(writer)
 
     def _wrap_model(self, subcommand: str) -> None:
         self._check_checkpoint(subcommand)
@@ -210,6 +232,18 @@ class SWAGLightningCLI(LightningCLI):
                 "lightning_swag.SWAGCallback in trainer.callbacks, or before the callback's first snapshot "
                 "(check SWAGCallback's start_epoch against trainer.max_epochs)."
             )
+
+
+def _own_error(err: BaseException) -> BaseException | None:
+    """The innermost exception of ``err``'s chain when lightning-swag's own code raised it (a value the
+    package checks, e.g. ``SWAGCallback: max_rank must be an int >= 0``), else None."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inner, outer = err, err.__cause__ or err.__context__
+    while outer is not None:
+        inner, outer = outer, outer.__cause__ or outer.__context__
+    frames = traceback.extract_tb(inner.__traceback__)
+    raised_here = bool(frames) and os.path.abspath(frames[-1].filename).startswith(package + os.sep)
+    return inner if raised_here else None
 
 
 def cli_main(args: ArgsType = None, **kwargs: Any) -> SWAGLightningCLI:

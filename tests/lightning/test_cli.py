@@ -359,6 +359,26 @@ def test_invalid_callback_argument_in_yaml_is_a_cli_error(
     assert "error:" in err and message in err and value in err
 
 
+def test_a_bad_value_gives_the_packages_message_first_and_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser's account of a value SWAGCallback refuses (every type of a Union, the usage) is
+    left out: the package's own message is the error."""
+    err = _cli_error(["fit", "--config", SINE_YAML, "--trainer.callbacks.max_rank=-1"], capsys)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert lines == [
+        "lightning-swag fit: error: SWAGCallback: max_rank must be an int >= 0, got -1. (set "
+        "JSONARGPARSE_DEBUG=1 for the parser's details and a traceback)"
+    ]
+
+
+def test_help_says_what_the_tool_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert "Lightning Trainer command line tool" not in out
+    assert "SWAG (Stochastic Weight Averaging Gaussian) uncertainty for a LightningModule" in out
+    assert "Bayesian model averaging" in out and "--ckpt_path" in out
+
+
 def test_predict_needs_a_checkpoint_with_a_posterior(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
