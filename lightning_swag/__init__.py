@@ -33,4 +33,5 @@ __all__ = [
     "refresh_batchnorm",
     "refresh_batchnorm_batched",
 ]
+# the one version source: pyproject.toml reads it ([tool.setuptools.dynamic]), so keep it a plain literal
 __version__ = "0.1.0.dev0"

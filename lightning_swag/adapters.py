@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from lightning_swag.posterior.noise import derive_seed
 from lightning_swag.posterior.parameters import canonical_name, unwrap_model
 from lightning_swag.posterior.protocol import Posterior, check_posterior
 from lightning_swag.posterior.sharding import is_dtensor
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = ["export_adapter"]
 
@@ -85,7 +89,7 @@ def export_adapter(
     return path
 
 
-def _peft_model_in(model: nn.Module) -> tuple[nn.Module, str]:
+def _peft_model_in(model: nn.Module) -> tuple[PeftModel, str]:
     """The ``PeftModel`` that is ``model`` or the only one inside it, and its name prefix there."""
     try:
         from peft import PeftModel
@@ -148,7 +152,7 @@ def _state_keys(state: Mapping[str, Tensor], shapes: Mapping[str, torch.Size], p
 
 
 def _check_saved_with_adapter(
-    peft_model: nn.Module, state: Mapping[str, Tensor], keys: Mapping[str, str]
+    peft_model: PeftModel, state: Mapping[str, Tensor], keys: Mapping[str, str]
 ) -> None:
     """Every tracked tensor is one that ``save_pretrained`` writes: else the directory would silently
     lose part of the posterior (a base-model weight, say)."""

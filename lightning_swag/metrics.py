@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,8 @@ class ReliabilityCurve(NamedTuple):
     """``[n_bins]`` mean top-1 probability in each bin."""
     accuracy: Tensor
     """``[n_bins]`` fraction correct in each bin."""
-    count: Tensor
+    # the field shadows tuple.count (a method); the public name stays
+    count: Tensor  # type: ignore[assignment]
     """``[n_bins]`` number of samples in each bin (int64)."""
 
 
@@ -414,6 +415,14 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+@overload
+def _mixture_inputs(
+    means: Tensor, variances: Tensor | float, targets: Tensor, validate: bool = True
+) -> tuple[Tensor, Tensor, Tensor]: ...
+@overload
+def _mixture_inputs(
+    means: Tensor, variances: Tensor | float, targets: None = None, validate: bool = True
+) -> tuple[Tensor, Tensor, None]: ...
 def _mixture_inputs(
     means: Tensor, variances: Tensor | float, targets: Tensor | None = None, validate: bool = True
 ) -> tuple[Tensor, Tensor, Tensor | None]:

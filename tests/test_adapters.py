@@ -201,7 +201,9 @@ def test_the_linearised_predictive_on_an_adapter_posterior_is_the_explicit_formu
 def test_adapters_in_the_last_block_run_the_whole_model_and_the_plan_says_why() -> None:
     """The split path runs a frozen prefix once only when the tracked submodule's output is the model's;
     LoRA inside an attention block is not, so every sample runs the whole model, and the plan says so."""
-    config = peft.LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[1], lora_dropout=0.0)
+    config = peft.LoraConfig(
+        r=2, target_modules=["query", "value"], layers_to_transform=[1], lora_dropout=0.0
+    )
     model = peft.get_peft_model(base_bert(), config)
     post = random_walk_posterior(model, snapshots=3)
     assert all(".layer.1." in name for name in post.param_shapes)

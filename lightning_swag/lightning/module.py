@@ -10,7 +10,7 @@ bars and the posteriors in checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import lightning as L
 import torch
@@ -403,7 +403,7 @@ class SWAGModule(L.LightningModule):
             raise RuntimeError(_no_posterior_message(checkpoint))
 
 
-def _storable(posteriors: Sequence[Any]) -> bool:
+def _storable(posteriors: Sequence[Any]) -> TypeGuard[Sequence[SWAGPosterior]]:
     """Whether the checkpoint format can store ``posteriors`` (SWAG posteriors; a user's own type has
     no stored form)."""
     return all(isinstance(post, SWAGPosterior) for post in posteriors)

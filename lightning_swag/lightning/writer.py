@@ -195,7 +195,8 @@ class SWAGPredictionWriter(BasePredictionWriter):
             arrays = {
                 k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in record.items()
             }
-            np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+            # numpy types **kwds as if one of them could be allow_pickle: bool
+            np.savez(path, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
         else:
             torch.save({**record, "meta": meta}, path)
         self.written.append(path)

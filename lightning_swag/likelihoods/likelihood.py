@@ -10,8 +10,8 @@ task is one subclass; nothing else branches on the task.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, ItemsView, Iterable, Mapping, ValuesView
+from typing import Any, ClassVar, Literal, cast
 
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -60,14 +60,27 @@ class MetricValue(Metric):
         self._source[0].reset()
 
 
+class _MetricDict(nn.ModuleDict):
+    """An ``nn.ModuleDict`` of torchmetrics ``Metric`` values, typed as such for type checkers."""
+
+    def __getitem__(self, key: str) -> Metric:
+        return cast(Metric, super().__getitem__(key))
+
+    def items(self) -> ItemsView[str, Metric]:
+        return cast("ItemsView[str, Metric]", super().items())
+
+    def values(self) -> ValuesView[Metric]:
+        return cast("ValuesView[Metric]", super().values())
+
+
 class TestMetrics(nn.Module):
     """The ``trainer.test`` metrics of one dataloader: :attr:`logged` maps each name to log
     (``test_<name>``) to a torchmetrics ``Metric``; ``update`` adds one batch."""
 
     def __init__(self, sources: Mapping[str, Metric], logged: Mapping[str, Metric]) -> None:
         super().__init__()
-        self.sources = nn.ModuleDict(dict(sources))
-        self.logged = nn.ModuleDict(dict(logged))
+        self.sources = _MetricDict(dict(sources))
+        self.logged = _MetricDict(dict(logged))
 
     def count_batch(self) -> None:
         """Let every :class:`MetricValue` know that its source was updated."""

@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -183,7 +183,7 @@ class PosteriorState:
         }
 
 
-def is_posterior_state(value: Any) -> bool:
+def is_posterior_state(value: Any) -> TypeGuard[Mapping[str, Any]]:
     """Whether ``value`` looks like a posterior state (the fields are there; not yet checked)."""
     return isinstance(value, Mapping) and all(field in value for field in _FIELDS)
 
@@ -252,7 +252,7 @@ class _Check:
                 for n, s in value.items()
             )
         )
-        if not valid:
+        if not valid or not isinstance(value, Mapping):
             raise self.fail("param_shapes", "must map parameter names to shapes (lists of ints >= 0)")
         return {n: torch.Size(s) for n, s in value.items()}
 
@@ -542,7 +542,8 @@ def load_distributed_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any
         for key, meta in stored.items():
             name = key.removeprefix("state_dict.")
             if key.startswith("state_dict.") and name.startswith(description["prefix"]):
-                entries[name] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                tensor_meta = cast("dcp.TensorStorageMetadata", meta)  # the posterior's entries are tensors
+                entries[name] = torch.empty(tuple(tensor_meta.size), dtype=tensor_meta.properties.dtype)
     if entries:
         with warnings.catch_warnings():  # "... assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)

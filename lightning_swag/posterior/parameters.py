@@ -58,7 +58,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def named_tracked(model: nn.Module) -> dict[str, Tensor]:
+def named_tracked(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{canonical name: parameter}`` of every parameter of ``model`` (wrappers unwrapped; a shared
     tensor once, under its first name)."""
     return {canonical_name(n): p for n, p in unwrap_model(model).named_parameters()}

@@ -27,13 +27,16 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_swag.posterior.parameters import named_tracked
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "DDPSliceLayout",
@@ -64,7 +67,7 @@ def _dtensor_class() -> type | None:
     return DTensor
 
 
-def is_dtensor(tensor: Any) -> bool:
+def is_dtensor(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel parameter)."""
     dtensor = _dtensor_class()
     return dtensor is not None and isinstance(tensor, dtensor)
@@ -430,7 +433,7 @@ class FSDP2Layout(Layout):
         named = named_tracked(model)
         with torch.no_grad():
             for name, value in self.unflatten_local(local).items():
-                named[name].to_local().copy_(value)
+                cast("DTensor", named[name]).to_local().copy_(value)
 
     def prepare(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         reshard_fsdp(model)
@@ -443,6 +446,7 @@ class FSDP2Layout(Layout):
         from torch.distributed.tensor import DTensor, Shard
 
         views: dict[str, Tensor] = {}
+        where: Sequence[Any]  # the parameter's placements, or Shard(dim + 1) for the stacked rows
         for piece in self.pieces:
             mesh, placements = self.placements[piece.name]
             shape = self.shapes[piece.name]

@@ -442,8 +442,8 @@ def _snapshot(
     param_shapes: Mapping[str, torch.Size], model: nn.Module | Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """``{canonical name: tensor}`` of ``model`` (a module or a map), checked against ``param_shapes``."""
-    named = (
-        named_tracked(model)
+    named: dict[str, Tensor] = (
+        dict(named_tracked(model))
         if isinstance(model, nn.Module)
         else {canonical_name(n): t for n, t in model.items()}
     )

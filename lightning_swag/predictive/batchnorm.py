@@ -27,7 +27,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -177,8 +177,8 @@ def _run_passes(
     finally:
         for module, momentum in momenta:
             module.momentum = momentum
-        for module, training in modes:
-            module.training = training
+        for each, training in modes:
+            each.training = training
     if seen == 0:
         raise ValueError("refresh_batchnorm: the loader yielded no batch, so no statistics were computed.")
 
@@ -319,7 +319,7 @@ class BatchNormRefresh:
         """The refreshed buffers ``{model name: [n, ...]}`` of ``chunk`` (cached under ``key``)."""
         if key in self._cache:
             return self._cache[key]
-        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        total = len(self.loader) if isinstance(self.loader, Sized) else None
         limit = batches_to_use(self.loader, self.num_batches)
         if limit is not None:
             total = limit if total is None else min(total, limit)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -150,9 +150,7 @@ class LinearizedPredictive(Predictive):
         """Means and per-element variances ``[J, B, ...]`` of the linearised outputs, one Gaussian
         per posterior (the diagonal of its covariance)."""
         prepared = self._prepare(inputs)
-        moments = [
-            self._gaussian(i, post, prepared, run.spec) for i, post in enumerate(self.stream.posteriors)
-        ]
+        moments = [self._gaussian(i, post, prepared, run.spec) for i, post in enumerate(self._gaussians())]
         means = torch.stack([mean for mean, _ in moments])
         self._check(means)
         return means, torch.stack([variance for _, variance in moments])
@@ -173,6 +171,10 @@ class LinearizedPredictive(Predictive):
         yield self._jacobian_draws(prepared, run)
 
     # ------------------------------------------------------------------ one posterior's Gaussian
+    def _gaussians(self) -> list[GaussianPosterior]:
+        """The stream's posteriors, each checked to be a ``GaussianPosterior`` in ``__init__``."""
+        return [cast(GaussianPosterior, post) for post in self.stream.posteriors]
+
     def _prepare(self, inputs: Any) -> PreparedInputs:
         self.runner.decide(inputs, self.stream.mean_weights)
         return self.runner.prepare_inputs(inputs)
@@ -214,7 +216,7 @@ class LinearizedPredictive(Predictive):
         _, split = self._module(prepared)
         per_post = run.spec.num_samples
         parts = []
-        for index, post in enumerate(self.stream.posteriors):
+        for index, post in enumerate(self._gaussians()):
             linearization = self._linearization(index, post, prepared)
             out = linearization.out
             _check_cost(out, per_post)

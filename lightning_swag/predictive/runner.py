@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,9 @@ from lightning_swag.predictive.batches import CallArguments, call_model, single_
 from lightning_swag.predictive.subset import SplitForward, SplitUnavailable, find_split
 from lightning_swag.predictive.vectorize import OutputTypeError, SampleMap, Vectorize, choose_vectorization
 from lightning_swag.predictive.weights import Chunk
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "ExecutionPlan",
@@ -49,7 +52,7 @@ MemoryFormat = Literal["auto", "channels_last", "preserve"]
 class ExecutionPlan:
     """How the forward passes run, as decided at the first batch (``None`` before it)."""
 
-    vectorize: str | None
+    vectorize: Vectorize | None
     """``"vmap"`` or ``"loop"`` (``"auto"`` until the first chunk is timed)."""
     channels_last: bool | None
     """Whether 4-D tensors run channels-last."""
@@ -329,7 +332,7 @@ class ModelRunner:
         runs as usual, one sample at a time; the trained shards are put back afterwards."""
         reshard_fsdp(self.model)
         params = dict(self.model.named_parameters())
-        shards = {name: params[name].to_local() for name in chunk}
+        shards = {name: cast("DTensor", params[name]).to_local() for name in chunk}
         trained = {name: shard.clone() for name, shard in shards.items()}
 
         def run_sample(weights: dict[str, Tensor], bufs: dict[str, Tensor], args: Any) -> Any:
