@@ -51,7 +51,8 @@ def notebook_quality(seed: int) -> dict[str, float]:
 
 
 def ours_quality(seed: int, out_dir: Path) -> dict[str, float]:
-    args = sine.parse_args(["--seed", str(seed), "--output-dir", str(out_dir / f"seed{seed}")])
+    # --runs 1: SWAG from one run; no MultiSWAG runs, which would only add time here
+    args = sine.parse_args(["--seed", str(seed), "--runs", "1", "--output-dir", str(out_dir / f"seed{seed}")])
     m = sine.run(args)["swag"]
     return {
         "rmse": m["rmse_vs_true_function"],

@@ -39,39 +39,68 @@ def plot_regression(
     title: str = "",
     max_curves: int = 100,
     true_function: Sequence[Tensor] | None = None,
+    data_range: tuple[float, float] | None = None,
+    samples_label: str | None = None,
 ) -> Figure:
     """The notebook's two panels: sampled prediction curves, and the BMA mean ± one std band.
+
+    One legend for both panels sits below them, so it covers no curve.
 
     Args:
         x_train, y_train: the observations.
         x_grid: inputs of the predictions ``[N, 1]``.
         mean, std: BMA mean and std on ``x_grid``.
-        samples: per-sample predictions ``[S, N, 1]`` for the left panel (at most ``max_curves``).
-        title: figure title (e.g. the method).
+        samples: per-sample predictions ``[S, N, 1]`` for the left panel: at most ``max_curves`` of
+            them, evenly spaced (so every posterior of a MultiSWAG run is shown). A single sample is
+            drawn as a solid line (with SWA it is the mean itself).
+        title: figure title (e.g. the method and its numbers; may span several lines).
+        max_curves: the most sampled curves drawn.
         true_function: optional ``(x, f(x))`` drawn dashed.
+        data_range: optional ``(low, high)`` of the training inputs, shaded grey outside.
+        samples_label: legend entry of the sampled curves (default: how many are drawn, of how many).
     """
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
     xg = _to_numpy(x_grid)
-    axes[0].set_title("Sampled predictions")
-    axes[0].plot(_to_numpy(x_train), _to_numpy(y_train), "b.", ms=3, label="observations")
-    if samples is not None:
-        for curve in samples[:max_curves]:
-            axes[0].plot(xg, _to_numpy(curve), "r", alpha=0.08, lw=1)
-    axes[1].set_title("BMA mean ± 1 std")
-    axes[1].plot(_to_numpy(x_train), _to_numpy(y_train), "b.", ms=3, label="observations")
-    m, s = _to_numpy(mean), _to_numpy(std)
-    axes[1].plot(xg, m, "r", label="BMA mean")
-    axes[1].fill_between(xg, m - s, m + s, color="r", alpha=0.3, label="± 1 std")
-    if true_function is not None:
-        for ax in axes:
-            ax.plot(_to_numpy(true_function[0]), _to_numpy(true_function[1]), "g--", lw=1, label="3 sin x")
+    x_obs, y_obs = _to_numpy(x_train), _to_numpy(y_train)
     for ax in axes:
+        ax.plot(x_obs, y_obs, ".", color="tab:blue", ms=3, zorder=3, label="observations")
+        if true_function is not None:
+            x_true, y_true = _to_numpy(true_function[0]), _to_numpy(true_function[1])
+            ax.plot(x_true, y_true, "g--", lw=1, zorder=4, label="3 sin x")
+        if data_range is not None:
+            for lo, hi in ((float(xg.min()) - 1, data_range[0]), (data_range[1], float(xg.max()) + 1)):
+                ax.axvspan(lo, hi, color="0.92", zorder=0, label="no training data")
         ax.set_xlim(float(xg.min()) - 1, float(xg.max()) + 1)
         ax.set_xlabel("x")
-        ax.legend(loc="upper left")
+    axes[0].set_ylabel("y (prediction)")
+    axes[0].set_title("Sampled predictions (each curve: one weight sample)")
+    if samples is not None:
+        curves = samples[:: -(-len(samples) // max_curves)]  # evenly spaced, at most max_curves
+        label = samples_label or f"sampled predictions ({len(curves)} of {len(samples)} drawn)"
+        single = len(curves) == 1
+        for i, curve in enumerate(curves):
+            axes[0].plot(
+                xg,
+                _to_numpy(curve),
+                color="tab:red",
+                alpha=1.0 if single else 0.25,
+                lw=1.5 if single else 0.8,
+                zorder=2,
+                label=label if i == 0 else None,
+            )
+    axes[1].set_title("BMA mean ± 1 std")
+    m, s = _to_numpy(mean), _to_numpy(std)
+    band = "± 1 std" if float(s.max()) > 0 else "± 1 std (zero everywhere: no band)"
+    axes[1].fill_between(xg, m - s, m + s, color="tab:red", alpha=0.3, lw=0, zorder=1, label=band)
+    axes[1].plot(xg, m, color="darkred", lw=1.5, zorder=2, label="BMA mean")
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="lower center", ncol=len(entries), frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 
