@@ -46,7 +46,7 @@ from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
 from lightning_swag.experiments import mnist
 from lightning_swag.experiments.machine import machine_description
 from lightning_swag.experiments.models import MNISTClassifier
-from lightning_swag.experiments.quiet import quiet_lightning
+from lightning_swag.lightning.quiet import quiet_lightning
 
 HEAD = "net.3"
 LAPLACE = "last-layer Laplace (laplace-torch, KFAC, GLM probit)"
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     args = parse_args(argv)
     print(machine_description(), flush=True)
     start = time.perf_counter()
-    with quiet_lightning():
+    with quiet_lightning(examples=True):
         results = {int(s): run_seed(args, int(s)) for s in args.seeds.split(",")}
     print(
         f"\nseeds {args.seeds}; pretrain {args.pretrain_epochs} epochs Adam lr {args.pretrain_lr}; collect "

@@ -40,7 +40,7 @@ from lightning_swag.experiments.plots import (
     plot_uncertain_digits,
     save_figure,
 )
-from lightning_swag.experiments.quiet import quiet_lightning
+from lightning_swag.lightning.quiet import quiet_lightning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -364,7 +364,7 @@ def write_results(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (``python examples/mnist.py [options]``), without Lightning's banners."""
-    with quiet_lightning():
+    with quiet_lightning(examples=True):
         run(parse_args(argv))
 
 

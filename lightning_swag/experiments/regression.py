@@ -67,7 +67,7 @@ from lightning_swag.experiments.plots import (
     plot_std_decomposition,
     save_figure,
 )
-from lightning_swag.experiments.quiet import quiet_lightning
+from lightning_swag.lightning.quiet import quiet_lightning
 from lightning_swag.likelihoods.summaries import heteroscedastic_mean_variance, summarize_gaussian_mixture
 from lightning_swag.metrics import (
     gaussian_mixture_quantile,
@@ -883,7 +883,7 @@ def results_markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (``python examples/regression.py [options]``), without Lightning's banners."""
-    with quiet_lightning():
+    with quiet_lightning(examples=True):
         run(parse_args(argv))
 
 

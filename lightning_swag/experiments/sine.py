@@ -38,7 +38,7 @@ from lightning_swag.experiments.data import SineDataModule, sine_function
 from lightning_swag.experiments.machine import machine_description
 from lightning_swag.experiments.models import SineRegressor
 from lightning_swag.experiments.plots import plot_regression, save_figure
-from lightning_swag.experiments.quiet import quiet_lightning
+from lightning_swag.lightning.quiet import quiet_lightning
 
 METHODS = {
     # name: (covariance, scale, num_samples or None for the CLI's --num-samples)
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> None:
     ``started``: the ``time.perf_counter()`` of the script's start, so that the printed total
     includes the imports of torch and Lightning.
     """
-    with quiet_lightning():
+    with quiet_lightning(examples=True):
         run(parse_args(argv), started)
 
 

@@ -30,6 +30,7 @@ from typing_extensions import override
 # and DataModules are named by class path (``--model lightning_swag.experiments.models.SineRegressor``).
 from lightning_swag.lightning.callback import SWAGCallback  # noqa: F401
 from lightning_swag.lightning.module import SWAGModule
+from lightning_swag.lightning.quiet import quiet_lightning, verbose
 from lightning_swag.lightning.writer import SWAGPredictionWriter
 from lightning_swag.likelihoods import infer_task
 from lightning_swag.posterior.format import has_snapshots, load_file
@@ -126,6 +127,13 @@ class SWAGLightningCLI(LightningCLI):
         parser.add_class_arguments(SWAGPredictionWriter, "predictions", instantiate=False)
 
     # ------------------------------------------------------------------ instantiation
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Quiet runs print no model summary unless the config or the command line asks for one."""
+        trainer = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+        if not verbose() and trainer.get("enable_model_summary") is None:
+            trainer["enable_model_summary"] = False
+
     @override
     def instantiate_classes(self) -> None:
         """Instantiate as usual; report argument errors raised by constructors as CLI errors."""
@@ -247,8 +255,13 @@ def _own_error(err: BaseException) -> BaseException | None:
 
 
 def cli_main(args: ArgsType = None, **kwargs: Any) -> SWAGLightningCLI:
-    """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it (``cli.trainer``, ``cli.model``...)."""
-    return SWAGLightningCLI(args=args, **kwargs)
+    """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it (``cli.trainer``, ``cli.model``...).
+
+    It runs quiet (:func:`~lightning_swag.lightning.quiet.quiet_lightning`: no accelerator and tips
+    banners, no model summary unless ``--trainer.enable_model_summary true``);
+    ``LIGHTNING_SWAG_VERBOSE=1`` in the environment gives Lightning's own output back."""
+    with quiet_lightning():
+        return SWAGLightningCLI(args=args, **kwargs)
 
 
 def main(args: ArgsType = None) -> None:

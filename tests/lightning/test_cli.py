@@ -582,3 +582,28 @@ def test_the_documented_loop_twice_into_one_folder_predicts_from_the_second_fit(
     used = cli.model.engine.posteriors[0]
     assert used.num_snapshots == fits[1].num_snapshots == 4 != fits[0].num_snapshots
     torch.testing.assert_close(used.mean, fits[1].mean)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_cli_runs_quiet_unless_asked(
+    verbose: bool,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No accelerator or tips banners, no seed line and no model summary; all back with
+    LIGHTNING_SWAG_VERBOSE=1."""
+    if verbose:
+        monkeypatch.setenv("LIGHTNING_SWAG_VERBOSE", "1")
+    else:
+        monkeypatch.delenv("LIGHTNING_SWAG_VERBOSE", raising=False)
+    with caplog.at_level("DEBUG"):
+        cli_main(
+            ["fit", "--config", SINE_YAML, "--trainer.max_epochs=2", "--trainer.callbacks.start_epoch=1"]
+            + ["--trainer.enable_progress_bar=false", "--trainer.default_root_dir", str(tmp_path)]
+        )
+    captured = capfd.readouterr()
+    out = captured.out + captured.err + caplog.text
+    for noise in ("GPU available", "TPU available", "Tip:", "Seed set to", "Trainable params"):
+        assert (noise in out) == verbose, noise
