@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import lightning as L
 import peft
 import pytest
 import torch
 from conftest import QUIET, random_walk_posterior
-from tiny_lora import LABELS, VOCAB, base_bert, lora_model
+from tiny_lora import LABELS, VOCAB, base_bert, explicit_linearized_probit, lora_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -167,24 +166,6 @@ def test_export_refuses_what_an_adapter_cannot_hold(fitted, tmp_path) -> None:
 def lora_model_other_target() -> nn.Module:
     config = peft.LoraConfig(r=2, target_modules=["key"], lora_dropout=0.0)
     return peft.get_peft_model(base_bert(), config)
-
-
-def explicit_linearized_probit(module: nn.Module, post: SWAGPosterior, batch: dict, scale: float) -> Tensor:
-    """The probit-linearised probabilities from an explicit Jacobian (``torch.func.jacrev`` of the model's
-    logits with respect to the adapter weights at their SWA mean), written out from the formula."""
-    mean = post.unflatten(post.mean)
-    params = {n: t.to(module.get_parameter(n).dtype) for n, t in mean.items()}
-
-    def logits(weights: dict[str, Tensor]) -> Tensor:
-        return torch.func.functional_call(module, weights, args=(), kwargs=batch)
-
-    with torch.no_grad():
-        mu = logits(params)
-    jac = torch.func.jacrev(logits)(params)  # {name: [B, C, *shape]}
-    flat = torch.cat([jac[n].reshape(*mu.shape, -1) for n in post.param_shapes], dim=-1).double()
-    variance = (flat.square() * post.variance.double()).sum(-1)
-    variance = variance + (flat @ post.deviations.double().T).square().sum(-1) / (post.rank - 1)
-    return torch.softmax(mu.double() / (1 + math.pi / 8 * scale * variance).sqrt(), dim=-1)
 
 
 def test_the_linearised_predictive_on_an_adapter_posterior_is_the_explicit_formula(fitted) -> None:

@@ -3,10 +3,14 @@ adapter tests and the DDP adapter script."""
 
 from __future__ import annotations
 
+import math
+
 import peft
 import torch
 import transformers
-from torch import nn
+from torch import Tensor, nn
+
+from lightning_swag import SWAGPosterior
 
 VOCAB, LABELS = 40, 3
 
@@ -44,3 +48,21 @@ def lora_model(seed: int = 5, move_lora_b: bool = False) -> nn.Module:
                 if "lora_B" in name:
                     p.normal_(0.0, 0.1)
     return model
+
+
+def explicit_linearized_probit(module: nn.Module, post: SWAGPosterior, batch: dict, scale: float) -> Tensor:
+    """The probit-linearised probabilities from an explicit Jacobian (``torch.func.jacrev`` of the model's
+    logits with respect to the adapter weights at their SWA mean), written out from the formula."""
+    mean = post.unflatten(post.mean)
+    params = {n: t.to(module.get_parameter(n).dtype) for n, t in mean.items()}
+
+    def logits(weights: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(module, weights, args=(), kwargs=batch)
+
+    with torch.no_grad():
+        mu = logits(params)
+    jac = torch.func.jacrev(logits)(params)  # {name: [B, C, *shape]}
+    flat = torch.cat([jac[n].reshape(*mu.shape, -1) for n in post.param_shapes], dim=-1).double()
+    variance = (flat.square() * post.variance.double()).sum(-1)
+    variance = variance + (flat @ post.deviations.double().T).square().sum(-1) / (post.rank - 1)
+    return torch.softmax(mu.double() / (1 + math.pi / 8 * scale * variance).sqrt(), dim=-1)

@@ -7,6 +7,8 @@ torchvision (MNIST) and matplotlib (figures), which the package installs by defa
 * :mod:`~lightning_swag.experiments.data`: ``SineDataModule``, ``MNISTDataModule``.
 * :mod:`~lightning_swag.experiments.models`: ``SineRegressor``, ``MNISTClassifier``.
 * :mod:`~lightning_swag.experiments.plots`: the figures of the examples.
-* :mod:`~lightning_swag.experiments.sine`, :mod:`~lightning_swag.experiments.mnist`: the experiments
-  that ``examples/sine.py`` and ``examples/mnist.py`` run.
+* :mod:`~lightning_swag.experiments.sine`, :mod:`~lightning_swag.experiments.mnist`,
+  :mod:`~lightning_swag.experiments.regression`, :mod:`~lightning_swag.experiments.lora`: the
+  experiments that ``examples/sine.py``, ``examples/mnist.py``, ``examples/regression.py`` and
+  ``examples/lora.py`` run (the last needs the ``lora`` extra: transformers, peft).
 """
