@@ -28,6 +28,7 @@ from mkdocs.structure.toc import get_toc
 NOTEBOOKS = {
     "tutorials/sine.ipynb": "examples/sine.ipynb",
     "tutorials/mnist.ipynb": "examples/mnist.ipynb",
+    "tutorials/lora.ipynb": "examples/lora.ipynb",
 }
 
 
