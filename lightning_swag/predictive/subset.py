@@ -176,33 +176,42 @@ class SplitForward:
         which the first batch then uses.
 
         ``base`` holds every parameter and buffer of the model, ``tracked`` the SWA mean of the
-        tracked ones (model names, no sample dimension). The whole batch runs once with the model's
-        own weights (the per-batch checks of :meth:`capture`, and the arguments kept). Then, on the
-        batch's first :data:`VERIFY_EXAMPLES` examples (every tensor whose first dimension is the
-        output's batch size cut; the whole batch when none is, or when the cut inputs fail to run),
-        the model runs with its own weights and under a perturbed copy of ``tracked`` (see
+        tracked ones (model names, no sample dimension). On the batch's first :data:`VERIFY_EXAMPLES`
+        examples (every tensor whose first dimension is the first input tensor's cut; the whole
+        batch when none is, when that is not the output's batch size, or when the cut inputs fail to
+        run) the model runs first with its own weights: a split the model's structure refuses (the
+        model's output is not the submodule's, the submodule runs twice) is refused there, for the
+        cost of those examples. Then the whole batch runs once with the model's own weights (the
+        per-batch checks of :meth:`capture`, and the arguments kept), and the first examples, or
+        the batch, run under a perturbed copy of ``tracked`` (see
         :func:`_perturbed`), so that a body that reads the tracked weights shows even when the model
         holds the SWA mean: the submodule's arguments must be the same in both (they do not depend
         on the tracked weights), and the submodule run alone on them must give exactly the model's
         output.
         """
         weights = {**base, **_perturbed(tracked)}
+        size = _leading_size(inputs)
+        few = first_examples(inputs, size, VERIFY_EXAMPLES) if size > VERIFY_EXAMPLES else None
+        reference: CallArguments | None = None
+        if few is not None:  # what the model's structure refuses shows on two examples: cheaply
+            try:
+                reference = self._run(few, None)[0]
+            except SplitUnavailable as why:
+                return str(why), None
+            except Exception:  # noqa: BLE001 - a model that cannot run on part of the batch: check it whole
+                few = None
         try:
             own, full = self._run(inputs, None)
         except SplitUnavailable as why:
             return str(why), None
-        few = (
-            None
-            if full.shape[0] <= VERIFY_EXAMPLES
-            else first_examples(inputs, full.shape[0], VERIFY_EXAMPLES)
-        )
+        if few is not None and full.shape[0] != size:  # the cut was not along the output's batch
+            few = None
         if few is not None:
             try:
-                reference = self._run(few, None)[0]
                 perturbed = self._run(few, weights)
-            except Exception:  # noqa: BLE001 - a model that cannot run on part of the batch: check it whole
+            except Exception:  # noqa: BLE001 - as above
                 few = None
-        if few is None:
+        if few is None or reference is None:
             try:
                 reference, perturbed = own, self._run(inputs, weights)
             except SplitUnavailable as why:
@@ -225,6 +234,12 @@ class SplitForward:
         if not isinstance(alone, Tensor) or alone.shape != full.shape or not torch.equal(alone, full):
             return f"running {self.prefix!r} alone does not reproduce the model's output"
         return None
+
+
+def _leading_size(inputs: Any) -> int:
+    """The first dimension of the first tensor in ``inputs`` (its batch size, when it leads), or 0."""
+    first = next(_tensors(inputs), None)
+    return first.shape[0] if first is not None and first.dim() > 0 else 0
 
 
 def _perturbed(tracked: Mapping[str, Tensor]) -> dict[str, Tensor]:

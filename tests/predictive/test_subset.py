@@ -449,6 +449,23 @@ class MicroBatchedBatchNormHead(MicroBatchedHead):
         self.head = nn.Sequential(nn.Linear(12, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4))
 
 
+def test_a_split_the_structure_refuses_costs_two_examples_not_a_batch() -> None:
+    """The model's output is not the head's (a tanh after it): the first batch finds that on its first
+    two examples, and then runs the whole model once per sample, with no wasted pass of the batch."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3), nn.Tanh())
+    rows: list[int] = []
+    net[0].register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    post = walk_posterior(net, ["2.*"])
+    module = SWAGModule(net, post, task="regression", num_samples=7, seed=0, vectorize="loop")
+    x = torch.randn(6, 5)
+    out = module(x)
+    plan = module.execution_plan
+    assert plan is not None and plan.split is None and "not the output of '2'" in plan.split_refused
+    assert rows == [2] + [6] * 7
+    assert_same(out, SWAGModule(net, post, task="regression", num_samples=7, seed=0, split_forward=False)(x))
+
+
 def test_the_batchnorm_refresh_checks_every_training_batch() -> None:
     torch.manual_seed(10)
     net = MicroBatchedBatchNormHead()
@@ -462,9 +479,9 @@ def test_the_batchnorm_refresh_checks_every_training_batch() -> None:
 
 
 def test_the_first_batch_runs_the_whole_batch_once_and_the_check_on_two_examples() -> None:
-    """The first-batch check runs the whole batch once (the per-batch checks, and the head inputs the
-    batch then uses) and the once-per-model check on the batch's first two examples only (own and
-    perturbed weights)."""
+    """The first-batch check runs the batch's first two examples with the model's own weights, the
+    whole batch once (the per-batch checks, and the head inputs the batch then uses), and the two
+    examples under perturbed weights."""
     torch.manual_seed(11)
     net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
     rows: list[int] = []
@@ -474,7 +491,7 @@ def test_the_first_batch_runs_the_whole_batch_once_and_the_check_on_two_examples
     x = torch.randn(6, 5)
     first = module(x)
     assert module.execution_plan is not None and module.execution_plan.split == "2"
-    assert rows == [6, 2, 2]
+    assert rows == [2, 6, 2]
     full = SWAGModule(net, post, task="classification", num_samples=7, seed=0, split_forward=False)
     assert_same(first, full(x))
     rows.clear()
