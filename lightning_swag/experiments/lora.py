@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
 from lightning_swag.experiments.machine import machine_description
 from lightning_swag.experiments.plots import plot_reliability_diagrams, save_figure
+from lightning_swag.experiments.trainer import quiet_trainer
 from lightning_swag.lightning.quiet import quiet_lightning
 
 __all__ = [
@@ -391,21 +392,6 @@ def make_loader(
     return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=_collate, generator=generator)
 
 
-def _trainer(epochs: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 def _model_kwargs(args: argparse.Namespace, data: Encoded) -> dict[str, int]:
     return {
         "vocab_size": data.vocab_size,
@@ -421,7 +407,9 @@ def pretrain(args: argparse.Namespace, data: Encoded, seed: int) -> dict[str, Te
     L.seed_everything(seed, verbose=False)
     net = build_model(num_labels=int(data.pretrain_labels.max()) + 1, **_model_kwargs(args, data))
     loader = make_loader(data.pretrain, data.pretrain_labels, args.batch_size, seed=seed)
-    _trainer(args.pretrain_epochs, []).fit(SequenceClassifier(net, lr=args.pretrain_lr), loader)
+    quiet_trainer(args.pretrain_epochs, validate=False).fit(
+        SequenceClassifier(net, lr=args.pretrain_lr), loader
+    )
     return {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith("classifier.")}
 
 
@@ -450,7 +438,7 @@ def finetune_run(
         max_rank=args.max_rank,
         include="lora",
     )
-    _trainer(args.finetune_epochs + args.collect_epochs, [swag]).fit(module, loader)
+    quiet_trainer(args.finetune_epochs + args.collect_epochs, [swag], validate=False).fit(module, loader)
     return module.eval(), swag.posterior
 
 
@@ -467,7 +455,7 @@ def head_run(
     swag = SWAGCallback(
         every_n_steps=_snapshot_steps(args, loader), max_rank=args.max_rank, include=[HEAD_PATTERN]
     )
-    _trainer(args.collect_epochs, [swag]).fit(head_model, loader)
+    quiet_trainer(args.collect_epochs, [swag], validate=False).fit(head_model, loader)
     return head_model.eval(), swag.posterior
 
 

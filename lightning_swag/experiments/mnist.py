@@ -40,6 +40,7 @@ from lightning_swag.experiments.plots import (
     plot_uncertain_digits,
     save_figure,
 )
+from lightning_swag.experiments.trainer import quiet_trainer
 from lightning_swag.lightning.quiet import quiet_lightning
 
 
@@ -117,21 +118,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--tune-scale needs held-out images: add --val-size N (e.g. 5000)")
 
 
-def _trainer(args: argparse.Namespace, epochs: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        accelerator=args.accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 def make_datamodule(args: argparse.Namespace) -> MNISTDataModule:
     """The experiment's data, decoded and set up."""
     dm = MNISTDataModule(
@@ -155,7 +141,9 @@ def train_run(
     """Pretrain, then collect SWAG. Returns a copy of the pretrained (SGD) model and the posterior."""
     L.seed_everything(args.seed + run, verbose=False)
     model = MNISTClassifier(lr=args.pretrain_lr, optimizer="adam")
-    _trainer(args, args.pretrain_epochs, []).fit(model, datamodule=dm)
+    quiet_trainer(args.pretrain_epochs, accelerator=args.accelerator, validate=False).fit(
+        model, datamodule=dm
+    )
     sgd_model = copy.deepcopy(model)
     # Collection phase: same model, constant learning rate; SWAGCallback snapshots the weights.
     model.optimizer_name, model.lr, model.momentum = (
@@ -172,7 +160,9 @@ def train_run(
         every_n_steps=every_n_steps,
         max_rank=args.max_rank,
     )
-    _trainer(args, args.collect_epochs, [swag]).fit(model, datamodule=dm)
+    quiet_trainer(args.collect_epochs, [swag], accelerator=args.accelerator, validate=False).fit(
+        model, datamodule=dm
+    )
     return sgd_model, swag.posterior
 
 

@@ -67,6 +67,7 @@ from lightning_swag.experiments.plots import (
     plot_std_decomposition,
     save_figure,
 )
+from lightning_swag.experiments.trainer import quiet_trainer
 from lightning_swag.lightning.quiet import quiet_lightning
 from lightning_swag.likelihoods.summaries import heteroscedastic_mean_variance, summarize_gaussian_mixture
 from lightning_swag.metrics import (
@@ -226,20 +227,6 @@ class Run:
     posterior: SWAGPosterior
 
 
-def _trainer(epochs: int = 1, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """A quiet single-process CPU Trainer (the models are tiny)."""
-    return L.Trainer(
-        max_epochs=epochs,
-        callbacks=list(callbacks),
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 def _loader(x: Tensor, y: Tensor, batch_size: int | None = None, seed: int | None = None) -> DataLoader:
     """``(x, y[:, None])`` batches: shuffled by a generator seeded with ``seed``, or in order (one
     batch unless ``batch_size`` is given) when ``seed`` is None."""
@@ -261,11 +248,11 @@ def train_map_and_swag(config: TrainConfig, x: Tensor, y: Tensor) -> Run:
         weight_decay=config.weight_decay,
         lr_schedule="cosine",
     )
-    _trainer(config.pretrain_epochs).fit(model, loader)
+    quiet_trainer(config.pretrain_epochs).fit(model, loader)
     map_model = copy.deepcopy(model).eval()
     model.lr_schedule = "constant"
     swag = SWAGCallback(start_epoch=0, every_n_epochs=1, max_rank=config.max_rank)
-    _trainer(config.collect_epochs, [swag]).fit(model, loader)
+    quiet_trainer(config.collect_epochs, [swag]).fit(model, loader)
     return Run(map_model, model.eval(), swag.posterior)
 
 
@@ -365,7 +352,7 @@ def swag_predictive(bma: SWAGModule, x: Tensor) -> Predictive:
 
 def swag_test_metrics(bma: SWAGModule, x: Tensor, y: Tensor) -> dict[str, float]:
     """``trainer.test(bma, ...)``'s logged regression metrics, without the ``test_`` prefix."""
-    (logged,) = _trainer().test(bma, _loader(x, y), verbose=False)
+    (logged,) = quiet_trainer().test(bma, _loader(x, y), verbose=False)
     return {key.removeprefix("test_"): float(value) for key, value in logged.items()}
 
 
