@@ -46,6 +46,7 @@ from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
 from lightning_swag.experiments import mnist
 from lightning_swag.experiments.machine import machine_description
 from lightning_swag.experiments.models import MNISTClassifier
+from lightning_swag.experiments.trainer import quiet_trainer
 from lightning_swag.lightning.quiet import quiet_lightning
 
 HEAD = "net.3"
@@ -68,7 +69,9 @@ def collect(
             p.requires_grad_(name.startswith(HEAD + "."))
     every = max(1, len(dm.train_dataloader()) // 2)
     swag = SWAGCallback(every_n_steps=every, max_rank=20, include=[f"{HEAD}.*"] if head_only else None)
-    mnist._trainer(args, args.collect_epochs, [swag]).fit(model, datamodule=dm)
+    quiet_trainer(args.collect_epochs, [swag], accelerator=args.accelerator, validate=False).fit(
+        model, datamodule=dm
+    )
     return swag.posterior
 
 
@@ -78,7 +81,9 @@ def train_seed(
     """The pretrained (SGD) model, its last-layer posterior and its full posterior."""
     L.seed_everything(seed, verbose=False)
     model = MNISTClassifier(lr=args.pretrain_lr, optimizer="adam")
-    mnist._trainer(args, args.pretrain_epochs, []).fit(model, datamodule=dm)
+    quiet_trainer(args.pretrain_epochs, accelerator=args.accelerator, validate=False).fit(
+        model, datamodule=dm
+    )
     head, full = collect(args, dm, model, True, seed), collect(args, dm, model, False, seed)
     return copy.deepcopy(model).eval(), head, full
 
