@@ -198,32 +198,7 @@ def _evaluate(
     std = grid["std"].squeeze(-1)
     std_in, std_out = std[inside].mean().item(), std[~inside].mean().item()
     std_left, std_right = std[left].mean().item(), std[right].mean().item()
-    samples = grid["samples"]
-    label = f"sampled predictions ({len(samples[:: -(-len(samples) // 100)])} of {len(samples)} drawn)"
-    description = f"{len(samples)} weight samples"
-    if name == "swa":
-        label = "the one 'sample' at scale 0: the SWA mean itself"
-        description = "the SWA mean, one model: no spread"
-    elif name == "multiswag":
-        description = f"{len(posteriors)} runs × {len(samples) // len(posteriors)} weight samples"
-    fig = plot_regression(
-        datamodule.x,
-        datamodule.y,
-        x_grid,
-        grid["mean"],
-        grid["std"],
-        samples=samples,
-        title=(
-            f"{TITLES[name]} ({description}) on 3 sin x + noise, trained on x ∈ [−5, 5]\n"
-            f"RMSE vs 3 sin x {rmse:.3f}; mean std: x < −5 {std_left:.2f}, "
-            f"|x| ≤ 5 {std_in:.2f}, x > 5 {std_right:.2f}"
-        ),
-        true_function=(x_grid, sine_function(x_grid)),
-        data_range=DATA_RANGE,
-        samples_label=label,
-    )
-    save_figure(fig, out_dir / f"{name}.png")
-    return {
+    metrics: dict[str, float | None] = {
         "rmse_vs_true_function": rmse,
         "mean_std_inside": std_in,
         "mean_std_outside": std_out,
@@ -231,6 +206,44 @@ def _evaluate(
         "mean_std_right": std_right,
         "std_ratio_outside_inside": std_out / std_in if std_in > 0 else None,  # SWA: 0/0, see NOTES
     }
+    _figure(name, grid, len(posteriors), datamodule, metrics, out_dir)
+    return metrics
+
+
+def _figure(
+    name: str,
+    grid: dict,
+    runs: int,
+    datamodule: SineDataModule,
+    metrics: dict[str, float | None],
+    out_dir: Path,
+) -> None:
+    """The method's two-panel figure (sampled predictions; BMA mean ± std), saved as ``<name>.png``."""
+    samples = grid["samples"]
+    label = f"sampled predictions ({len(samples[:: -(-len(samples) // 100)])} of {len(samples)} drawn)"
+    description = f"{len(samples)} weight samples"
+    if name == "swa":
+        label = "the one 'sample' at scale 0: the SWA mean itself"
+        description = "the SWA mean, one model: no spread"
+    elif name == "multiswag":
+        description = f"{runs} runs × {len(samples) // runs} weight samples"
+    fig = plot_regression(
+        datamodule.x,
+        datamodule.y,
+        datamodule.predict_x,
+        grid["mean"],
+        grid["std"],
+        samples=samples,
+        title=(
+            f"{TITLES[name]} ({description}) on 3 sin x + noise, trained on x ∈ [−5, 5]\n"
+            f"RMSE vs 3 sin x {metrics['rmse_vs_true_function']:.3f}; mean std: x < −5 {metrics['mean_std_left']:.2f}, "
+            f"|x| ≤ 5 {metrics['mean_std_inside']:.2f}, x > 5 {metrics['mean_std_right']:.2f}"
+        ),
+        true_function=(datamodule.predict_x, sine_function(datamodule.predict_x)),
+        data_range=DATA_RANGE,
+        samples_label=label,
+    )
+    save_figure(fig, out_dir / f"{name}.png")
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> None:
