@@ -63,31 +63,11 @@ def plot_regression(
     xg = _to_numpy(x_grid)
     x_obs, y_obs = _to_numpy(x_train), _to_numpy(y_train)
     for ax in axes:
-        ax.plot(x_obs, y_obs, ".", color="tab:blue", ms=3, zorder=3, label="observations")
-        if true_function is not None:
-            x_true, y_true = _to_numpy(true_function[0]), _to_numpy(true_function[1])
-            ax.plot(x_true, y_true, "g--", lw=1, zorder=4, label="3 sin x")
-        if data_range is not None:
-            for lo, hi in ((float(xg.min()) - 1, data_range[0]), (data_range[1], float(xg.max()) + 1)):
-                ax.axvspan(lo, hi, color="0.92", zorder=0, label="no training data")
-        ax.set_xlim(float(xg.min()) - 1, float(xg.max()) + 1)
-        ax.set_xlabel("x")
+        _draw_context(ax, xg, x_obs, y_obs, true_function, data_range)
     axes[0].set_ylabel("y (prediction)")
     axes[0].set_title("Sampled predictions (each curve: one weight sample)")
     if samples is not None:
-        curves = samples[:: -(-len(samples) // max_curves)]  # evenly spaced, at most max_curves
-        label = samples_label or f"sampled predictions ({len(curves)} of {len(samples)} drawn)"
-        single = len(curves) == 1
-        for i, curve in enumerate(curves):
-            axes[0].plot(
-                xg,
-                _to_numpy(curve),
-                color="tab:red",
-                alpha=1.0 if single else 0.25,
-                lw=1.5 if single else 0.8,
-                zorder=2,
-                label=label if i == 0 else None,
-            )
+        _draw_samples(axes[0], xg, samples, max_curves, samples_label)
     axes[1].set_title("BMA mean ± 1 std")
     m, s = _to_numpy(mean), _to_numpy(std)
     band = "± 1 std" if float(s.max()) > 0 else "± 1 std (zero everywhere: no band)"
@@ -102,6 +82,43 @@ def plot_regression(
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
+
+
+def _draw_context(
+    ax: Any,
+    xg: Any,
+    x_obs: Any,
+    y_obs: Any,
+    true_function: Sequence[Tensor] | None,
+    data_range: tuple[float, float] | None,
+) -> None:
+    """One panel's observations, true function and shaded region without training data."""
+    ax.plot(x_obs, y_obs, ".", color="tab:blue", ms=3, zorder=3, label="observations")
+    if true_function is not None:
+        x_true, y_true = _to_numpy(true_function[0]), _to_numpy(true_function[1])
+        ax.plot(x_true, y_true, "g--", lw=1, zorder=4, label="3 sin x")
+    if data_range is not None:
+        for lo, hi in ((float(xg.min()) - 1, data_range[0]), (data_range[1], float(xg.max()) + 1)):
+            ax.axvspan(lo, hi, color="0.92", zorder=0, label="no training data")
+    ax.set_xlim(float(xg.min()) - 1, float(xg.max()) + 1)
+    ax.set_xlabel("x")
+
+
+def _draw_samples(ax: Any, xg: Any, samples: Tensor, max_curves: int, samples_label: str | None) -> None:
+    """At most ``max_curves`` evenly spaced sampled curves (a single one drawn solid)."""
+    curves = samples[:: -(-len(samples) // max_curves)]  # evenly spaced, at most max_curves
+    label = samples_label or f"sampled predictions ({len(curves)} of {len(samples)} drawn)"
+    single = len(curves) == 1
+    for i, curve in enumerate(curves):
+        ax.plot(
+            xg,
+            _to_numpy(curve),
+            color="tab:red",
+            alpha=1.0 if single else 0.25,
+            lw=1.5 if single else 0.8,
+            zorder=2,
+            label=label if i == 0 else None,
+        )
 
 
 def plot_uncertain_digits(
