@@ -40,10 +40,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
-from lightning_swag.experiments import mnist
+from lightning_swag.experiments import baselines, mnist
 from lightning_swag.experiments.machine import machine_description
 from lightning_swag.experiments.models import MNISTClassifier
 from lightning_swag.experiments.trainer import quiet_trainer
@@ -100,17 +99,11 @@ def probs_predict(probs_of: Callable[[Tensor], Tensor]) -> Predict:
 
 def laplace_predict(model: MNISTClassifier, dm: Any) -> Predict | None:
     """laplace-torch's last-layer KFAC Laplace of ``model``, or None without laplace-torch."""
-    try:
-        from laplace import Laplace
-    except ImportError:
+    probs_of = baselines.laplace_last_layer(model, dm.train_tensors())
+    if probs_of is None:
         print("laplace-torch is not installed: the last-layer Laplace row is skipped", flush=True)
         return None
-    la = Laplace(
-        copy.deepcopy(model), "classification", subset_of_weights="last_layer", hessian_structure="kron"
-    )
-    la.fit(DataLoader(TensorDataset(*dm.train_tensors()), batch_size=128))
-    la.optimize_prior_precision(method="marglik")
-    return probs_predict(lambda x: la(x, pred_type="glm", link_approx="probit"))
+    return probs_predict(probs_of)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Uncertainty metrics for classifiers (accuracy, NLL, Brier, ECE, entropy, mutual information, OOD
 AUROC) and for regression with a Gaussian noise model (mixture NLL, RMSE, interval coverage,
-calibration error, CRPS).
+calibration error, CRPS), and the temperature-scaling baseline (:func:`fit_temperature`).
 
 Classification inputs are class **probabilities** ``[N, C]`` (for SWAG: already averaged over the Bayesian model
 averaging samples) and integer targets ``[N]``. Logarithms are natural (entropies in nats).
@@ -15,6 +15,7 @@ does the same for the regression metrics (see the "regression" section below).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, overload
 
@@ -738,6 +739,55 @@ def fit_gaussian_noise(
         return float(-_mixture_log_prob(m, v + math.exp(2 * log_sigma), y).mean())
 
     return math.exp(_grid_then_golden(objective, math.log(lower), math.log(upper), grid_size, tolerance))
+
+
+def fit_temperature(
+    logits: Tensor,
+    targets: Tensor,
+    bounds: tuple[float, float] = (0.05, 20.0),
+    grid_size: int = 64,
+    tolerance: float = 1e-10,
+) -> float:
+    """The temperature ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out data (Guo et
+    al. 2017's temperature scaling).
+
+    The NLL is convex in ``1 / T``, hence unimodal in ``log T``: a ``grid_size``-point log-spaced
+    grid over ``bounds`` locates the minimum and golden-section search refines it to ``tolerance``
+    in ``log T``, deterministically. A minimum on the edge of ``bounds`` is returned with a warning
+    (widen them; on data the model classifies perfectly the NLL keeps falling as ``T → 0``).
+
+    Args:
+        logits: held-out logits ``[N, C]``.
+        targets: their integer classes ``[N]``.
+        bounds: the range searched, ``0 < low < high``.
+
+    Returns:
+        ``T`` as a float (``> 1`` softens an over-confident model).
+    """
+    low, high = bounds
+    if not 0 < low < high or not math.isfinite(high):
+        raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds}.")
+    if grid_size < 3:
+        raise ValueError(f"grid_size must be >= 3, got {grid_size}.")
+    if logits.ndim != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor [N, C]; got {logits.dtype} {tuple(logits.shape)}.")
+    _check_probs_and_targets(torch.full_like(logits, 1 / logits.shape[1]), targets)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits hold NaN or infinite values.")
+    logits, targets = logits.double(), targets.long()
+
+    def objective(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), targets))
+
+    log_low, log_high = math.log(low), math.log(high)
+    best = _grid_then_golden(objective, log_low, log_high, grid_size, tolerance)
+    if min(best - log_low, log_high - best) <= 2 * tolerance:
+        warnings.warn(
+            f"fit_temperature: the NLL is lowest at the edge of bounds={bounds} (T = {math.exp(best):.4g}); "
+            "widen the bounds.",
+            stacklevel=2,
+        )
+    return math.exp(best)
 
 
 def _grid_then_golden(

@@ -14,6 +14,7 @@ from lightning_swag.metrics import (
     brier_score,
     classification_metrics,
     expected_calibration_error,
+    fit_temperature,
     mutual_information,
     nll,
     ood_auroc,
@@ -284,3 +285,42 @@ def test_uncertainty_metrics_in_a_lightning_test_loop() -> None:
     assert {key.removeprefix("test_"): value for key, value in logged.items()} == pytest.approx(
         expected, abs=1e-5
     )
+
+
+def _nll_at(logits: torch.Tensor, targets: torch.Tensor, t: float) -> float:
+    """The NLL of softmax(logits / t) by an explicit log-sum-exp per row (numpy, float64)."""
+    z = logits.double().numpy() / t
+    log_norm = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+    return float(np.mean(log_norm - z[np.arange(len(z)), targets.numpy()]))
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_fit_temperature_finds_the_minimum_of_the_nll(true_t) -> None:
+    """Labels drawn from softmax(z / true_t): the fitted T is the NLL's minimiser on a dense grid and
+    near true_t (a calibrated model's temperature)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4000, 5, generator=generator)
+    targets = torch.multinomial(torch.softmax(logits / true_t, dim=-1), 1, generator=generator).squeeze(1)
+    t = fit_temperature(logits, targets)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 2001))
+    values = [_nll_at(logits, targets, g) for g in grid]
+    best = int(np.argmin(values))
+    assert grid[best - 1] <= t <= grid[best + 1]
+    assert _nll_at(logits, targets, t) <= min(values) + 1e-12
+    assert t == pytest.approx(true_t, rel=0.1)
+    assert fit_temperature(logits, targets) == t  # deterministic
+
+
+def test_fit_temperature_warns_at_the_edge_and_refuses_bad_input() -> None:
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    with pytest.warns(UserWarning, match="widen the bounds"):
+        t = fit_temperature(logits, torch.tensor([0, 1]))  # classified perfectly: T -> 0
+    assert t == pytest.approx(0.05, rel=1e-6)
+    with pytest.raises(ValueError, match="bounds"):
+        fit_temperature(logits, torch.tensor([0, 1]), bounds=(1.0, 0.5))
+    with pytest.raises(ValueError, match="logits must be"):
+        fit_temperature(logits.long(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="targets must lie"):
+        fit_temperature(logits, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))

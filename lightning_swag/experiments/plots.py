@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -18,6 +19,8 @@ __all__ = [
     "plot_entropy_histograms",
     "plot_interval_bands",
     "plot_regression",
+    "plot_severity_boxes",
+    "plot_shift_curves",
     "plot_std_decomposition",
     "plot_reliability_diagrams",
     "plot_uncertain_digits",
@@ -351,6 +354,61 @@ def plot_calibration_curves(panels: Mapping[str, Mapping[str, tuple[Tensor, Tens
         ax.set_title(panel, fontsize=10)
         ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_shift_curves(
+    x: Sequence[float],
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    xlabel: str,
+) -> Figure:
+    """One panel per metric, one line per method against the amount of shift (Ovadia et al.'s
+    Figure 2): ``curves[metric][method] = (means, stds)`` at the points ``x``; the band is ± std."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.2), squeeze=False)
+    for ax, (metric, methods) in zip(axes[0], curves.items(), strict=True):
+        for method, (means, stds) in methods.items():
+            mean, std = np.asarray(means, dtype=float), np.asarray(stds, dtype=float)
+            ax.plot(x, mean, "-", marker="o", ms=3, lw=1.4, label=method)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def plot_severity_boxes(
+    values: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], severities: Sequence[str]
+) -> Figure:
+    """One panel per metric, a group of boxes per severity, a box per method:
+    ``values[metric][method][i]`` are the values at ``severities[i]`` (over corruption kinds and
+    seeds)."""
+    fig, axes = plt.subplots(len(values), 1, figsize=(11, 3.6 * len(values)), squeeze=False)
+    for ax, (metric, methods) in zip(axes[:, 0], values.items(), strict=True):
+        width = 0.8 / len(methods)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for index, (method, per_severity) in enumerate(methods.items()):
+            positions = [i + (index - (len(methods) - 1) / 2) * width for i in range(len(severities))]
+            box = ax.boxplot(
+                [list(v) for v in per_severity],
+                positions=positions,
+                widths=width * 0.85,
+                patch_artist=True,
+                medianprops={"color": "black"},
+            )
+            color = colors[index % len(colors)]
+            for patch in box["boxes"]:
+                patch.set(facecolor=color, alpha=0.6)
+            ax.plot([], [], "s", color=color, label=method)
+        ax.set_xticks(range(len(severities)), list(severities))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1, 0].set_xlabel("corruption severity")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
