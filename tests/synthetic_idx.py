@@ -13,6 +13,7 @@ two and overlaid with noise, so a small classifier learns them within an epoch; 
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Literal
@@ -103,3 +104,16 @@ def write_synthetic_idx(
         _write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images, _IDX_UBYTE_IMAGES_MAGIC)
         _write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8), _IDX_UBYTE_LABELS_MAGIC)
     return raw_dir
+
+
+def example_data(tmp_path: Path, num_train: int, num_test: int) -> tuple[str, list[str]]:
+    """The data root of an example's end-to-end test and the options it needs: ``LIGHTNING_SWAG_DATA``
+    as is, else synthetic MNIST and Fashion-MNIST written under ``tmp_path`` with ``--subset`` and
+    ``--test-subset`` set to their sizes."""
+    data_dir = os.environ.get("LIGHTNING_SWAG_DATA")
+    if data_dir:
+        return data_dir, []
+    data_dir = str(tmp_path / "data")
+    for dataset in ("MNIST", "FashionMNIST"):
+        write_synthetic_idx(data_dir, dataset, num_train=num_train, num_test=num_test)
+    return data_dir, ["--subset", str(num_train), "--test-subset", str(num_test)]

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from synthetic_idx import write_synthetic_idx
+from synthetic_idx import example_data, write_synthetic_idx
 
 from lightning_swag.experiments import mnist
 
 
 @pytest.mark.slow
 def test_mnist_example_fast(tmp_path) -> None:
-    data_dir = os.environ.get("LIGHTNING_SWAG_DATA")
-    extra: list[str] = []
-    if not data_dir:
-        data_dir = str(tmp_path / "data")
-        for dataset in ("MNIST", "FashionMNIST"):
-            write_synthetic_idx(data_dir, dataset, num_train=1200, num_test=400)
-        extra = ["--subset", "1200", "--test-subset", "400"]
+    data_dir, extra = example_data(tmp_path, num_train=1200, num_test=400)
     out = tmp_path / "out"
     args = mnist.parse_args(["--fast", "--data-dir", data_dir, "--output-dir", str(out), *extra])
     table = mnist.run(args)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic_idx import write_synthetic_idx
+from synthetic_idx import example_data
 from torch import nn
 
 from lightning_swag import metrics
@@ -180,13 +179,7 @@ def test_bad_options_are_refused(argv: list[str]) -> None:
 @pytest.mark.slow
 def test_shift_example_fast(tmp_path: Path) -> None:
     """``examples/shift.py --fast --out DIR`` as a user runs it: every method, shift and metric."""
-    data_dir = os.environ.get("LIGHTNING_SWAG_DATA")
-    extra: list[str] = []
-    if not data_dir:
-        data_dir = str(tmp_path / "data")
-        for dataset in ("MNIST", "FashionMNIST"):
-            write_synthetic_idx(data_dir, dataset, num_train=1500, num_test=300)
-        extra = ["--subset", "1500", "--test-subset", "300"]
+    data_dir, extra = example_data(tmp_path, num_train=1500, num_test=300)
     out = tmp_path / "out"
     command = [
         sys.executable,
