@@ -231,3 +231,12 @@ def test_shift_example_fast(tmp_path: Path) -> None:
     assert "| SWAG |" in page and "Goal 1" in page and "Goal 2" in page
     for figure in ("rotation.png", "corruption.png"):
         assert (out / figure).stat().st_size > 20_000
+
+
+def test_the_last_layer_posterior_tracks_each_architectures_head() -> None:
+    assert {name: shift.last_linear(cls()) for name, cls in shift.ARCHITECTURES.items()} == {
+        "mlp": "net.3",
+        "conv": "net.7",
+    }
+    with pytest.raises(ValueError, match="no nn.Linear head"):
+        shift.last_linear(nn.Sequential(nn.Conv2d(1, 2, 3)))

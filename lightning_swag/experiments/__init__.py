@@ -5,7 +5,7 @@ reproduce and extend the reference notebook; the core never imports from here. I
 torchvision (MNIST) and matplotlib (figures), which the package installs by default.
 
 * :mod:`~lightning_swag.experiments.data`: ``SineDataModule``, ``MNISTDataModule``.
-* :mod:`~lightning_swag.experiments.models`: ``SineRegressor``, ``MNISTClassifier``.
+* :mod:`~lightning_swag.experiments.models`: ``SineRegressor``, ``MNISTClassifier``, ``MNISTConvClassifier``.
 * :mod:`~lightning_swag.experiments.plots`: the figures of the examples.
 * :mod:`~lightning_swag.experiments.baselines`: what SWAG is compared with (temperature scaling, deep
   ensembles, laplace-torch's last-layer Laplace).

@@ -236,7 +236,28 @@ class GaussianRegressor(_ReferenceModule):
         self.log(f"{stage}_rmse", rmse, prog_bar=True, on_epoch=True, on_step=False)
 
 
-class MNISTClassifier(_ReferenceModule):
+class DigitClassifier(_ReferenceModule):
+    """What the MNIST classifiers share: logits out, cross-entropy, accuracy logged; ``self.net`` is
+    the subclass's."""
+
+    task = "classification"
+    """What :class:`~lightning_swag.SWAGModule` summarises for this model (read by the CLI)."""
+
+    net: nn.Module
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(outputs, targets)
+
+    def log_eval_metrics(self, outputs: Tensor, targets: Tensor, stage: str) -> None:
+        acc = (outputs.argmax(dim=-1) == targets).float().mean()
+        self.log(f"{stage}_acc", acc, prog_bar=True, on_epoch=True, on_step=False)
+
+
+class MNISTClassifier(DigitClassifier):
     """The notebook's MNIST net, ``784 -> hidden -> ReLU -> 10``, returning **logits**.
 
     The notebook applied a softmax inside the model and then ``CrossEntropyLoss`` (a double
@@ -250,9 +271,6 @@ class MNISTClassifier(_ReferenceModule):
         momentum: SGD momentum.
         weight_decay: L2 penalty.
     """
-
-    task = "classification"
-    """What :class:`~lightning_swag.SWAGModule` summarises for this model (read by the CLI)."""
 
     def __init__(
         self,
@@ -269,13 +287,39 @@ class MNISTClassifier(_ReferenceModule):
             nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
-    @override
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(outputs, targets)
+class MNISTConvClassifier(DigitClassifier):
+    """A small convolutional MNIST net, returning **logits**: two 3×3 convolutions (``channels``
+    wide, each followed by ReLU and 2×2 max-pooling), then a linear head ``net.7`` on the 7×7 maps.
 
-    def log_eval_metrics(self, outputs: Tensor, targets: Tensor, stage: str) -> None:
-        acc = (outputs.argmax(dim=-1) == targets).float().mean()
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_epoch=True, on_step=False)
+    Args:
+        channels: widths of the two convolutions.
+        num_classes: number of classes.
+        lr: learning rate.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, int] = (8, 16),
+        num_classes: int = 10,
+        lr: float = 0.001,
+        optimizer: OptimizerName = "adam",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(lr, optimizer, momentum, weight_decay)
+        self.save_hyperparameters()
+        first, second = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, first, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(first, second, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(second * 7 * 7, num_classes),
+        )

@@ -1,4 +1,5 @@
-"""Uncertainty under distribution shift (Ovadia et al. 2019) on the reference MNIST classifier.
+"""Uncertainty under distribution shift (Ovadia et al. 2019) on the reference MNIST classifier
+(or, with ``--model conv``, a small convolutional net).
 
 The MNIST test images are rotated by 15° to 180° and corrupted by Gaussian noise, blur and lowered
 contrast at severities 1 to 5 (:mod:`lightning_swag.experiments.data.shift`, generated here, seeded);
@@ -7,7 +8,7 @@ every shifted set (accuracy, NLL, ECE with 15 bins, Brier: torch-uncertainty's `
 ``ECE``, ``Brier``) and on telling the OOD sets from the clean test images (AUROC of the maximum
 softmax probability, torch-uncertainty's default ``msp`` criterion, and of the predictive entropy).
 
-Methods, at the same training budget per network: ``members`` networks (784 → 64 → ReLU → 10) are
+Methods, at the same training budget per network: ``members`` networks (``--model``) are
 pretrained with Adam for ``pretrain_epochs`` each; from those weights
 
 * ``sgd`` continues Adam for ``collect_epochs`` (the MAP network: ``pretrain + collect`` epochs);
@@ -43,7 +44,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_swag import SWAGCallback, SWAGModule, SWAGPosterior, metrics
 from lightning_swag.experiments import baselines, shift_report
@@ -51,7 +52,7 @@ from lightning_swag.experiments.data import MNISTDataModule
 from lightning_swag.experiments.data.mnist import MNIST_MEAN, MNIST_STD
 from lightning_swag.experiments.data.shift import CORRUPTIONS, SEVERITIES, corrupt, rotate
 from lightning_swag.experiments.machine import machine_description
-from lightning_swag.experiments.models import MNISTClassifier
+from lightning_swag.experiments.models import DigitClassifier, MNISTClassifier, MNISTConvClassifier
 from lightning_swag.experiments.plots import plot_severity_boxes, plot_shift_curves, save_figure
 from lightning_swag.experiments.trainer import quiet_trainer
 from lightning_swag.lightning.quiet import quiet_lightning
@@ -60,7 +61,11 @@ ROTATIONS = tuple(range(15, 181, 15))
 """Rotation angles in degrees (0° is the clean set)."""
 SHIFT_METRICS = ("accuracy", "nll", "ece", "brier")
 OOD_SETS = ("fashion_mnist", "uniform_noise")
-HEAD = "net.3"
+ARCHITECTURES: dict[str, type[DigitClassifier]] = {
+    "mlp": MNISTClassifier,
+    "conv": MNISTConvClassifier,
+}
+"""``--model``: the reference MLP (784 → 64 → ReLU → 10) or a small convolutional net."""
 _CHUNK = 2000  # images per prediction call
 
 
@@ -68,7 +73,7 @@ _CHUNK = 2000  # images per prediction call
 class Member:
     """One trained network: its MAP weights and the SWAG posterior collected from its pretraining."""
 
-    map_model: MNISTClassifier
+    map_model: DigitClassifier
     posterior: SWAGPosterior
 
 
@@ -77,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SWAG_DATA", "./data"))
     parser.add_argument("--out", default="outputs/shift", help="folder for metrics.json, results.md, figures")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; the tables give mean ± std")
+    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="mlp", help="the network trained")
     parser.add_argument("--members", type=int, default=3, help="networks in MultiSWAG and the ensemble")
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
@@ -136,7 +142,7 @@ def _make_datamodule(args: argparse.Namespace, seed: int) -> MNISTDataModule:
 
 
 def _collect(
-    args: argparse.Namespace, dm: MNISTDataModule, model: MNISTClassifier, include: list[str] | None = None
+    args: argparse.Namespace, dm: MNISTDataModule, model: DigitClassifier, include: list[str] | None = None
 ) -> SWAGPosterior:
     """Train ``model`` in place at the constant SGD rate for ``collect_epochs`` while SWAG collects."""
     model.optimizer_name, model.lr, model.momentum = "sgd", args.collect_lr, 0.9
@@ -162,26 +168,35 @@ def train_member(args: argparse.Namespace, dm: MNISTDataModule, seed: int) -> Me
     """One network: Adam for ``pretrain + collect`` epochs (the MAP weights) and, from its weights
     after ``pretrain`` epochs, SWAG over ``collect`` epochs of constant-rate SGD."""
     L.seed_everything(seed, verbose=False)
-    map_model = MNISTClassifier(lr=args.pretrain_lr, optimizer="adam")
+    map_model = ARCHITECTURES[args.model](lr=args.pretrain_lr, optimizer="adam")
     keep = _KeepWeights(args.pretrain_epochs - 1)
     quiet_trainer(args.pretrain_epochs + args.collect_epochs, [keep], validate=False).fit(
         map_model, datamodule=dm
     )
-    swag_model = MNISTClassifier(lr=args.pretrain_lr, optimizer="adam")
+    swag_model = ARCHITECTURES[args.model](lr=args.pretrain_lr, optimizer="adam")
     swag_model.load_state_dict(keep.state)
     L.seed_everything(seed, verbose=False)
     return Member(map_model.eval(), _collect(args, dm, swag_model))
 
 
 def train_last_layer(
-    args: argparse.Namespace, dm: MNISTDataModule, map_model: MNISTClassifier
+    args: argparse.Namespace, dm: MNISTDataModule, map_model: DigitClassifier
 ) -> SWAGPosterior:
     """The head of a copy of ``map_model`` trained at the constant rate and tracked, its body frozen."""
-    model = MNISTClassifier(lr=args.collect_lr, optimizer="sgd")
+    model = ARCHITECTURES[args.model](lr=args.collect_lr, optimizer="sgd")
     model.load_state_dict(map_model.state_dict())
+    head = last_linear(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(HEAD + "."))
-    return _collect(args, dm, model, include=[f"{HEAD}.*"])
+        p.requires_grad_(name.startswith(head + "."))
+    return _collect(args, dm, model, include=[f"{head}.*"])
+
+
+def last_linear(model: nn.Module) -> str:
+    """The name of ``model``'s last ``nn.Linear`` module (the head of both architectures)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head for the last-layer posterior")
+    return names[-1]
 
 
 # ---------------------------------------------------------------------------------- the methods
@@ -380,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def setting(args: argparse.Namespace) -> str:
     """The run's options in one sentence (on the results page)."""
     return (
-        f"seeds {args.seeds}; {args.members} members; pretrain {args.pretrain_epochs} epochs Adam lr "
+        f"{args.model} network; seeds {args.seeds}; {args.members} members; pretrain {args.pretrain_epochs} epochs Adam lr "
         f"{args.pretrain_lr}; collect {args.collect_epochs} epochs SGD lr {args.collect_lr} momentum 0.9, "
         f"rank {args.max_rank}; {args.num_samples} samples per posterior, "
         + (f"scales tuned among {args.tune_scale}; " if args.tune_scale else f"scale {args.scale}; ")
