@@ -36,21 +36,27 @@ _ROW_SUM_TOLERANCE = 1e-2  # catches logits passed as probabilities, not roundin
 
 
 def _check_probs_and_targets(probs: Tensor, targets: Tensor) -> None:
-    if probs.ndim != 2:
-        raise ValueError(f"probs must have shape [N, C]; got shape {tuple(probs.shape)}.")
-    if targets.ndim != 1 or targets.shape[0] != probs.shape[0]:
+    _check_targets(probs, targets, "probs")
+    _check_probs(probs)
+
+
+def _check_targets(scores: Tensor, targets: Tensor, name: str) -> None:
+    """``scores`` ``[N, C]`` (probabilities or logits, called ``name``) and integer ``targets``
+    ``[N]`` in ``[0, C)``."""
+    if scores.ndim != 2:
+        raise ValueError(f"{name} must have shape [N, C]; got shape {tuple(scores.shape)}.")
+    if targets.ndim != 1 or targets.shape[0] != scores.shape[0]:
         raise ValueError(
-            f"targets must have shape [N] matching probs [N, C]; got targets {tuple(targets.shape)} "
-            f"and probs {tuple(probs.shape)}."
+            f"targets must have shape [N] matching {name} [N, C]; got targets {tuple(targets.shape)} "
+            f"and {name} {tuple(scores.shape)}."
         )
-    if probs.shape[0] == 0:
-        raise ValueError("probs and targets are empty (N = 0).")
+    if scores.shape[0] == 0:
+        raise ValueError(f"{name} and targets are empty (N = 0).")
     if targets.is_floating_point() or targets.is_complex():
         raise ValueError(f"targets must be integer class indices; got dtype {targets.dtype}.")
-    _check_probs(probs)
-    if int(targets.min()) < 0 or int(targets.max()) >= probs.shape[1]:
+    if int(targets.min()) < 0 or int(targets.max()) >= scores.shape[1]:
         raise ValueError(
-            f"targets must lie in [0, {probs.shape[1] - 1}] (C = {probs.shape[1]}); "
+            f"targets must lie in [0, {scores.shape[1] - 1}] (C = {scores.shape[1]}); "
             f"got values in [{int(targets.min())}, {int(targets.max())}]."
         )
 
@@ -769,9 +775,9 @@ def fit_temperature(
         raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds}.")
     if grid_size < 3:
         raise ValueError(f"grid_size must be >= 3, got {grid_size}.")
-    if logits.ndim != 2 or not logits.is_floating_point():
+    if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, C]; got {logits.dtype} {tuple(logits.shape)}.")
-    _check_probs_and_targets(torch.full_like(logits, 1 / logits.shape[1]), targets)
+    _check_targets(logits, targets, "logits")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits hold NaN or infinite values.")
     logits, targets = logits.double(), targets.long()

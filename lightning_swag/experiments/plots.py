@@ -386,9 +386,9 @@ def plot_severity_boxes(
     ``values[metric][method][i]`` are the values at ``severities[i]`` (over corruption kinds and
     seeds)."""
     fig, axes = plt.subplots(len(values), 1, figsize=(11, 3.6 * len(values)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, methods) in zip(axes[:, 0], values.items(), strict=True):
         width = 0.8 / len(methods)
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for index, (method, per_severity) in enumerate(methods.items()):
             positions = [i + (index - (len(methods) - 1) / 2) * width for i in range(len(severities))]
             box = ax.boxplot(

@@ -449,13 +449,19 @@ class MicroBatchedBatchNormHead(MicroBatchedHead):
         self.head = nn.Sequential(nn.Linear(12, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4))
 
 
+def rows_into(layer: nn.Module) -> list[int]:
+    """A list that records how many examples each call of ``layer`` gets."""
+    rows: list[int] = []
+    layer.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    return rows
+
+
 def test_a_split_the_structure_refuses_costs_two_examples_not_a_batch() -> None:
     """The model's output is not the head's (a tanh after it): the first batch finds that on its first
     two examples, and then runs the whole model once per sample, with no wasted pass of the batch."""
     torch.manual_seed(12)
     net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3), nn.Tanh())
-    rows: list[int] = []
-    net[0].register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    rows = rows_into(net[0])
     post = walk_posterior(net, ["2.*"])
     module = SWAGModule(net, post, task="regression", num_samples=7, seed=0, vectorize="loop")
     x = torch.randn(6, 5)
@@ -484,8 +490,7 @@ def test_the_first_batch_runs_the_whole_batch_once_and_the_check_on_two_examples
     examples under perturbed weights."""
     torch.manual_seed(11)
     net = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
-    rows: list[int] = []
-    net[0].register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    rows = rows_into(net[0])
     post = walk_posterior(net, ["2.*"])
     module = SWAGModule(net, post, task="classification", num_samples=7, seed=0, vectorize="loop")
     x = torch.randn(6, 5)
